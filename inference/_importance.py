@@ -1,0 +1,231 @@
+"""Importance sampling and sampling-importance-resampling, on the GFI only.
+
+With the prior as proposal each particle is `model.generate(key_i, constraints, args)`
+and its log weight is log p(constraints, factors | latents_i). With a proposal
+generative function `q`, the latents come from `q.simulate` and the weight is
+`generate`'s weight minus `q`'s score. `log_marginal = logsumexp(w) - log N` is an
+unbiased estimate of the evidence p(constraints) on the natural scale.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import logsumexp
+
+from ppl import ChoiceMap, GenerativeFunction, InferenceError, Trace
+from ppl._distribution import is_concrete
+from ppl._errors import ArgumentError, ObservationError, format_address
+from ppl._gfi import check_args, check_key
+
+from ._batching import key_dependent_outputs
+
+__all__ = ["importance", "ImportanceResult", "log_ess"]
+
+
+def log_ess(log_weights: jax.Array) -> jax.Array:
+    """Log effective sample size (sum w)^2 / sum w^2 of unnormalized log weights."""
+    return 2.0 * logsumexp(log_weights) - logsumexp(2.0 * log_weights)
+
+
+@jax.tree_util.register_pytree_node_class
+class ImportanceResult:
+    """Particles of an importance sampler.
+
+    Fields:
+      log_weights:   [num_particles] unnormalized log importance weights.
+      log_marginal:  [] log of the unbiased evidence estimate mean(exp(log_weights)).
+      ess:           [] effective sample size, in [1, num_particles].
+      traces:        the particles, a batch of `Trace`s with leading axis num_particles.
+
+    Leaves that are the same for every particle (observations, arguments) are stored
+    once; `traces` broadcasts them on access. `resample(key, n)` draws `n` traces with
+    probability proportional to the weights (sampling-importance-resampling).
+    """
+
+    def __init__(self, packed: Trace, is_batched: tuple, log_weights, log_marginal, ess):
+        self._packed = packed
+        self._is_batched = is_batched
+        self.log_weights = log_weights
+        self.log_marginal = log_marginal
+        self.ess = ess
+
+    @property
+    def num_particles(self) -> int:
+        return self.log_weights.shape[-1]
+
+    def _expand(self, take) -> Trace:
+        leaves, treedef = jax.tree.flatten(self._packed)
+        n = None
+        out = []
+        for leaf, batched in zip(leaves, self._is_batched):
+            if batched:
+                leaf = take(leaf)
+                n = leaf.shape[0]
+            out.append(leaf)
+        n = self.num_particles if n is None else n
+        out = [
+            leaf if batched else jnp.broadcast_to(leaf, (n,) + jnp.shape(leaf))
+            for leaf, batched in zip(out, self._is_batched)
+        ]
+        return jax.tree.unflatten(treedef, out)
+
+    @property
+    def traces(self) -> Trace:
+        """All particles, leaves with leading axis `num_particles`."""
+        return self._expand(lambda x: x)
+
+    def normalized_weights(self) -> jax.Array:
+        """[num_particles] weights summing to one."""
+        return jax.nn.softmax(self.log_weights)
+
+    def resample(self, key, n: int | None = None) -> Trace:
+        """`n` (default num_particles) traces drawn i.i.d. with probability ∝ weight.
+
+        Multinomial resampling: as n grows the draws approach the posterior when the
+        proposal covers it (sampling-importance-resampling).
+        """
+        n = self.num_particles if n is None else n
+        ancestors = jax.random.categorical(key, self.log_weights, shape=(n,))
+        return self._expand(lambda x: x[ancestors])
+
+    def __repr__(self):
+        return (
+            f"ImportanceResult(num_particles={self.num_particles}, "
+            f"log_marginal={self.log_marginal}, ess={self.ess})"
+        )
+
+    def tree_flatten(self):
+        children = (self._packed, self.log_weights, self.log_marginal, self.ess)
+        return children, self._is_batched
+
+    @classmethod
+    def tree_unflatten(cls, is_batched, children):
+        packed, log_weights, log_marginal, ess = children
+        return cls(packed, is_batched, log_weights, log_marginal, ess)
+
+
+def importance(
+    key,
+    model: GenerativeFunction,
+    args: tuple,
+    constraints,
+    num_particles: int,
+    *,
+    proposal: GenerativeFunction | None = None,
+    proposal_args: tuple = (),
+) -> ImportanceResult:
+    """Importance sampling of `model(*args)` given `constraints`, one jit-compiled batch.
+
+    Args:
+      key: a `jax.random` key.
+      model: the generative function.
+      args: its argument tuple.
+      constraints: observed values, a `ChoiceMap` or nested dict.
+      num_particles: N, a static int.
+      proposal: optional generative function whose choices propose the model's latent
+        choices; called as `proposal.simulate(key, proposal_args)`.
+
+    Returns an `ImportanceResult` (log_weights [N], log_marginal [], ess [], traces,
+    resample). Raises `InferenceError` naming the site if every weight is -inf, or if a
+    weight is NaN.
+
+    >>> import numpyro.distributions as dist, ppl
+    >>> @ppl.gen
+    ... def model():
+    ...     mu = ppl.sample("mu", dist.Normal(0.0, 1.0))
+    ...     return ppl.sample("y", dist.Normal(mu, 1.0))
+    >>> res = importance(jax.random.key(0), model, (), {"y": 1.0}, 1000)
+    >>> res.log_weights.shape, res.traces["mu"].shape
+    ((1000,), (1000,))
+    """
+    if not isinstance(model, GenerativeFunction):
+        raise ArgumentError(
+            f"importance: model must be a generative function (decorate it with @ppl.gen), "
+            f"got {type(model).__name__}."
+        )
+    key = check_key(key, model, "importance")
+    args = check_args(args, model, "importance")
+    if not isinstance(num_particles, (int, np.integer)) or isinstance(num_particles, bool) or num_particles < 1:
+        raise ArgumentError(f"importance: num_particles must be a positive int, got {num_particles!r}.")
+    if proposal is not None:
+        if not isinstance(proposal, GenerativeFunction):
+            raise ArgumentError(f"importance: proposal must be a generative function, got {type(proposal).__name__}.")
+        proposal_args = check_args(proposal_args, proposal, "simulate")
+    constraints = ChoiceMap.of(constraints)
+    _check_finite(constraints)
+    result = _importance(
+        key, args, constraints, proposal_args,
+        model=model, num_particles=int(num_particles), proposal=proposal,
+    )
+    _check_weights(result, model)
+    return result
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_particles", "proposal"))
+def _importance(key, args, constraints, proposal_args, *, model, num_particles, proposal):
+    def particle(k, args, constraints, proposal_args):
+        if proposal is None:
+            return model.generate(k, constraints, args)
+        k_q, k_p = jax.random.split(k)
+        q = proposal.simulate(k_q, proposal_args)
+        tr, w = model.generate(k_p, constraints.merge(q.choices), args)
+        return tr, w - q.score
+
+    keys = jax.random.split(key, num_particles)
+    operands = (args, constraints, proposal_args)
+    out_axes = jax.tree.map(lambda b: 0 if b else None, key_dependent_outputs(particle, keys[0], *operands))
+    traces, log_weights = jax.vmap(particle, in_axes=(0, None, None, None), out_axes=out_axes)(keys, *operands)
+    log_weights = jnp.broadcast_to(log_weights, (num_particles,))
+    log_marginal = logsumexp(log_weights) - math.log(num_particles)
+    ess = jnp.exp(log_ess(log_weights))
+    is_batched = tuple(ax == 0 for ax in jax.tree.leaves(out_axes[0], is_leaf=lambda x: x is None))
+    return ImportanceResult(traces, is_batched, log_weights, log_marginal, ess)
+
+
+def _check_finite(constraints: ChoiceMap) -> None:
+    for address in constraints.addresses():
+        value = constraints[address] if address else constraints[()]
+        if is_concrete(value):
+            host = np.asarray(value)
+            if np.issubdtype(host.dtype, np.inexact) and not np.all(np.isfinite(host)):
+                raise ObservationError(
+                    f"importance: constraint {format_address(address)} has non-finite values "
+                    f"({int(np.sum(~np.isfinite(host)))} of {host.size}). Remove or impute them, "
+                    "or mask the missing entries in the model."
+                )
+
+
+def _check_weights(result: ImportanceResult, model: GenerativeFunction) -> None:
+    """Name the culprit site when the run is degenerate, instead of returning NaN."""
+    log_weights = result.log_weights
+    if not is_concrete(log_weights):
+        return
+    host = np.asarray(log_weights)
+    has_nan = np.isnan(host).any()
+    if not has_nan and not np.all(np.isneginf(host)):
+        return
+    culprits = []
+    for address, score in model._site_scores(result._packed, ()):
+        s = np.asarray(score)
+        if (has_nan and np.isnan(s).any()) or (not has_nan and np.all(np.isneginf(s))):
+            culprits.append(format_address(address))
+    where = (
+        f" Site(s) {', '.join(culprits)} {'are NaN' if has_nan else 'have log density -inf in every particle'}."
+        if culprits
+        else ""
+    )
+    if has_nan:
+        raise InferenceError(
+            f"importance: {int(np.isnan(host).sum())} of {host.size} log weights are NaN.{where} "
+            "Check the model's parameters for invalid values (negative scales, log of negatives)."
+        )
+    raise InferenceError(
+        f"importance: all {host.size} log weights are -inf: no particle is possible under the "
+        f"constraints.{where} An observation may lie outside its distribution's support, or the "
+        "proposal never reaches the region the constraints allow."
+    )

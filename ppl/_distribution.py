@@ -1,0 +1,230 @@
+"""numpyro distributions as sites and as generative functions.
+
+Density policy (see shared/PERFORMANCE.md §1). numpyro masks every `log_prob` with
+`where(support(value), lp, -inf)` over the broadcast value when validation is on. The
+core instead evaluates densities unmasked and decides per transformation:
+
+- a value the distribution itself sampled is in its support: no mask;
+- a value from the user (observation, constraint, `assess`, a kept value whose
+  distribution changed under `update`/`regenerate`) gets one scalar mask,
+  `where(all(support(value)), sum(lp), -inf)`. Observations are shared by all
+  particles, so under `vmap` the support test runs once, not once per particle;
+- a concrete value (known while tracing) is checked right away, and a bad one is an
+  error naming the address instead of a silent -inf.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from numpyro.distributions import Distribution
+
+from ._choicemap import ChoiceMap
+from ._errors import ArgumentError, ObservationError, format_address
+from ._gfi import GenerativeFunction
+from ._trace import Trace
+
+__all__ = ["distribution", "DistributionGF", "log_density", "prepare_value", "is_concrete"]
+
+
+@contextlib.contextmanager
+def _unmasked():
+    """numpyro instances built with `validate_args=None` read this class flag at call time."""
+    previous = Distribution._validate_args
+    Distribution._validate_args = False
+    try:
+        yield
+    finally:
+        Distribution._validate_args = previous
+
+
+def log_density(d: Distribution, value, *, check_support: bool) -> jax.Array:
+    """Scalar log density of `value` under `d` (summed over batch and event dims)."""
+    with _unmasked():
+        lp = jnp.sum(d.log_prob(value))
+    if check_support:
+        lp = jnp.where(in_support(d, value), lp, -jnp.inf)
+    return lp
+
+
+def in_support(d: Distribution, value) -> jax.Array:
+    """Scalar bool: every element of `value` lies in the support of `d`."""
+    try:
+        support = d.support
+    except NotImplementedError:
+        return jnp.asarray(True)
+    if support is None:
+        return jnp.asarray(True)
+    return jnp.all(support(value))
+
+
+def is_concrete(x) -> bool:
+    """True when `x` has a value at trace time (not an abstract tracer)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def sample_struct(d: Distribution) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of `d.sample(key)`, found without sampling."""
+    return jax.eval_shape(d.sample, jax.random.key(0))
+
+
+def prepare_value(address, d: Distribution, value, what: str) -> jax.Array:
+    """Check a user-supplied value for site `address` and cast it to the sample dtype.
+
+    `what` names its origin in messages ("observation", "constraint", "choice").
+    Shape mismatches are errors always; non-finite or out-of-support values are errors
+    when the value is concrete while tracing.
+    """
+    struct = sample_struct(d)
+    try:
+        value = jnp.asarray(value)
+    except TypeError as e:
+        raise ObservationError(
+            f"{what} for site {format_address(address)} is not an array ({type(value).__name__}): {e}"
+        ) from None
+    if value.shape != struct.shape:
+        raise ObservationError(
+            f"{what} for site {format_address(address)} has shape {value.shape}, but the site "
+            f"samples shape {struct.shape} ({type(d).__name__} with batch_shape "
+            f"{d.batch_shape} and event_shape {d.event_shape}). Make the distribution's "
+            f"shape match the data, e.g. dist.{type(d).__name__}(...).expand({value.shape}) "
+            "or parameters that broadcast to it; use .to_event(n) for event dimensions."
+        )
+    if is_concrete(value):
+        host = np.asarray(value)
+        if np.issubdtype(host.dtype, np.inexact) and not np.all(np.isfinite(host)):
+            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(host))[0]) if host.ndim else ()
+            where = f" at index {bad}" if host.ndim else ""
+            raise ObservationError(
+                f"{what} for site {format_address(address)} is not finite{where} "
+                f"(value {host[bad]}). Remove or impute the "
+                "missing entries, or mask them: dist.Normal(...).mask(is_observed)."
+            )
+        if jnp.issubdtype(struct.dtype, jnp.integer) and np.issubdtype(host.dtype, np.inexact):
+            if not np.all(host == np.round(host)):
+                raise ObservationError(
+                    f"{what} for site {format_address(address)} has non-integer values, but "
+                    f"{type(d).__name__} is a discrete distribution over integers."
+                )
+        if all(is_concrete(leaf) for leaf in jax.tree.leaves(d)):
+            if not bool(in_support(d, value)):
+                raise ObservationError(
+                    f"{what} for site {format_address(address)} lies outside the support of "
+                    f"{type(d).__name__} ({d.support}). Its log density would be -inf."
+                )
+    return value.astype(struct.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# A distribution as a generative function
+# ----------------------------------------------------------------------------------------
+
+
+class DistributionGF(GenerativeFunction):
+    """A numpyro distribution as a generative function with one choice at address `()`.
+
+    `ppl.distribution(dist.Normal)` takes the constructor's parameters as its args;
+    `ppl.distribution(dist.Normal(0.0, 1.0))` a fixed distribution and args `()`.
+
+    >>> normal = distribution(dist.Normal)
+    >>> tr = normal.simulate(jax.random.key(0), (0.0, 1.0))
+    >>> bool(tr.score == dist.Normal(0.0, 1.0).log_prob(tr[()]))
+    True
+    """
+
+    def __init__(self, family):
+        self.family = family
+        self.__name__ = getattr(family, "__name__", type(family).__name__)
+
+    def __eq__(self, other):
+        return isinstance(other, DistributionGF) and other.family is self.family
+
+    def __hash__(self):
+        return hash((DistributionGF, id(self.family)))
+
+    def _dist(self, args) -> Distribution:
+        if isinstance(self.family, Distribution):
+            return self.family
+        return self.family(*args)
+
+    def _check_arity(self, args, method):
+        if isinstance(self.family, Distribution) and args:
+            raise ArgumentError(
+                f"{self.__name__}.{method}: this distribution is fixed and takes args (), got {len(args)}."
+            )
+
+    def _trace(self, args, value, lp):
+        return Trace(self, args, value, lp, value)
+
+    def _simulate(self, key, args):
+        d = self._dist(args)
+        value = d.sample(key)
+        return self._trace(args, value, log_density(d, value, check_support=False))
+
+    def _assess(self, choices, args):
+        d = self._dist(args)
+        value = prepare_value((), d, _leaf(choices, self, "assess"), "choice")
+        return log_density(d, value, check_support=True), value
+
+    def _generate(self, key, constraints, args):
+        if constraints.is_empty:
+            return self._simulate(key, args), jnp.zeros(())
+        d = self._dist(args)
+        value = prepare_value((), d, _leaf(constraints, self, "generate"), "constraint")
+        lp = log_density(d, value, check_support=True)
+        return self._trace(args, value, lp), lp
+
+    def _update(self, key, trace, constraints, args):
+        d = self._dist(args)
+        if constraints.is_empty:
+            value, discard = trace.inner, ChoiceMap()
+        else:
+            value = prepare_value((), d, _leaf(constraints, self, "update"), "constraint")
+            discard = ChoiceMap.leaf(trace.inner)
+        lp = log_density(d, value, check_support=True)
+        return self._trace(args, value, lp), lp - trace.score, discard
+
+    def _regenerate(self, key, trace, selection, args):
+        if () in selection:
+            return self._simulate(key, args), jnp.zeros(())
+        d = self._dist(args)
+        lp = log_density(d, trace.inner, check_support=True)
+        return self._trace(args, trace.inner, lp), lp - trace.score
+
+    def _project(self, trace, selection):
+        return trace.score if () in selection else jnp.zeros(())
+
+    def _choices(self, trace):
+        return ChoiceMap.leaf(trace.inner)
+
+
+def _leaf(choices: ChoiceMap, gf, method):
+    if not choices.has_value:
+        raise ArgumentError(
+            f"{gf.__name__}.{method}: a distribution has one choice at address (); pass "
+            "ChoiceMap.leaf(value)."
+        )
+    return choices[()]
+
+
+def distribution(family) -> DistributionGF:
+    """Wrap a numpyro distribution class (args = its parameters) or instance (args = ())."""
+    if isinstance(family, Distribution) or (
+        isinstance(family, type) and issubclass(family, Distribution)
+    ):
+        return DistributionGF(family)
+    if callable(family):  # numpyro factory functions, e.g. dist.Normal is a class but
+        return DistributionGF(family)  # some families are functions returning instances
+    raise TypeError(f"ppl.distribution expects a numpyro distribution or class, got {family!r}")
+
+
+def is_distribution(x) -> bool:
+    return isinstance(x, Distribution)
+
+
+def is_distribution_class(x) -> bool:
+    return isinstance(x, type) and issubclass(x, Distribution) and x is not dist.Distribution

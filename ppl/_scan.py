@@ -1,0 +1,189 @@
+"""`ppl.scan`: a kernel `(carry, x) -> (carry, y)` repeated with `jax.lax.scan`.
+
+The standard form of a state-space model: called with args `(init_carry, xs)` (`xs`
+may be None when `length` is given), it returns `(final_carry, ys)`. Step `t` draws
+from `split(key, length)[t]`; the trace holds the kernel traces stacked over steps, so
+choices carry a leading time axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ._choicemap import ChoiceMap
+from ._errors import ArgumentError, ObservationError, format_address
+from ._gfi import GenerativeFunction
+from ._trace import Trace
+
+__all__ = ["scan", "ScanGF"]
+
+
+class ScanGF(GenerativeFunction):
+    """`kernel` applied `length` times, threading the carry."""
+
+    def __init__(self, kernel: GenerativeFunction, length: int | None = None):
+        if not isinstance(kernel, GenerativeFunction):
+            raise TypeError(f"ppl.scan expects a generative function, got {type(kernel).__name__}")
+        if length is not None and (not isinstance(length, int) or length < 0):
+            raise ValueError(f"ppl.scan: length must be a non-negative int, got {length!r}")
+        self.kernel = kernel
+        self.length = length
+        self.__name__ = f"scan({kernel.__name__})"
+
+    def __eq__(self, other):
+        return type(other) is ScanGF and other.kernel == self.kernel and other.length == self.length
+
+    def __hash__(self):
+        return hash((ScanGF, self.kernel, self.length))
+
+    def _check_arity(self, args, method):
+        if len(args) != 2:
+            raise ArgumentError(
+                f"{self.__name__}.{method}: a scan is called with args (init_carry, xs), got "
+                f"{len(args)} argument(s); pass xs=None when there is no per-step input."
+            )
+
+    def num_steps(self, args) -> int:
+        """The number of steps for args `(init_carry, xs)`."""
+        lengths = {jnp.shape(leaf)[0] for leaf in jax.tree.leaves(args[1])}
+        if self.length is not None:
+            lengths.add(self.length)
+        if not lengths:
+            raise ArgumentError(
+                f"{self.__name__}: xs is None and no length was given; use ppl.scan(kernel, length=T)."
+            )
+        if len(lengths) > 1:
+            raise ArgumentError(f"{self.__name__}: xs leading axes and length disagree: {sorted(lengths)}.")
+        return lengths.pop()
+
+    def _carry(self, carry):
+        # A weakly typed init (a Python float) would not match the kernel's output carry.
+        return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), carry)
+
+    def _split_retval(self, retval):
+        if not (isinstance(retval, tuple) and len(retval) == 2):
+            raise ArgumentError(
+                f"{self.__name__}: the kernel {self.kernel.__name__} must return a pair "
+                f"(new_carry, y), got {type(retval).__name__}."
+            )
+        return retval
+
+    def _check_stacked(self, choices: ChoiceMap, length: int, what: str):
+        for address in choices.addresses():
+            shape = jnp.shape(choices[address] if address else choices[()])
+            if not shape or shape[0] != length:
+                raise ObservationError(
+                    f"{self.__name__}: {what} at {format_address(address)} has shape {shape}; "
+                    f"under ppl.scan it needs the time axis first, of length {length}."
+                )
+
+    def _scan(self, step, carry, xs, length):
+        try:
+            return jax.lax.scan(step, self._carry(carry), xs, length=length)
+        except TypeError as e:
+            if "carry" not in str(e):
+                raise
+            raise ArgumentError(
+                f"{self.__name__}: the kernel {self.kernel.__name__} must return a new carry of "
+                f"the same structure, shapes and dtypes as the carry it receives. JAX says: {e}"
+            ) from None
+
+    def _wrap(self, args, final, trs):
+        return Trace(self, args, (final, trs.retval[1]), jnp.sum(trs.score), trs)
+
+    def _simulate(self, key, args):
+        carry, xs = args
+        length = self.num_steps(args)
+
+        def step(c, kx):
+            k, x = kx
+            tr = self.kernel.simulate(k, (c, x))
+            return self._split_retval(tr.retval)[0], tr
+
+        final, trs = self._scan(step, carry, (jax.random.split(key, length), xs), length)
+        return self._wrap(args, final, trs)
+
+    def _assess(self, choices, args):
+        carry, xs = args
+        length = self.num_steps(args)
+        self._check_stacked(choices, length, "choice")
+
+        def step(c, cx):
+            ch, x = cx
+            lp, retval = self.kernel.assess(ch, (c, x))
+            new_c, y = self._split_retval(retval)
+            return new_c, (lp, y)
+
+        final, (lps, ys) = self._scan(step, carry, (choices, xs), length)
+        return jnp.sum(lps), (final, ys)
+
+    def _generate(self, key, constraints, args):
+        carry, xs = args
+        length = self.num_steps(args)
+        self._check_stacked(constraints, length, "constraint")
+
+        def step(c, kcx):
+            k, cons, x = kcx
+            tr, w = self.kernel.generate(k, cons, (c, x))
+            return self._split_retval(tr.retval)[0], (tr, w)
+
+        keys = jax.random.split(key, length)
+        final, (trs, ws) = self._scan(step, carry, (keys, constraints, xs), length)
+        return self._wrap(args, final, trs), jnp.sum(ws)
+
+    def _update(self, key, trace, constraints, args):
+        carry, xs = args
+        length = self.num_steps(args)
+        if length != self.num_steps(trace.args):
+            raise ArgumentError(
+                f"{self.__name__}.update: the number of steps cannot change ({self.num_steps(trace.args)} -> {length})."
+            )
+        self._check_stacked(constraints, length, "constraint")
+
+        def step(c, ktcx):
+            k, old, cons, x = ktcx
+            tr, w, discard = self.kernel.update(k, old, cons, (c, x))
+            return self._split_retval(tr.retval)[0], (tr, w, discard)
+
+        keys = jax.random.split(key, length)
+        final, (trs, ws, discard) = self._scan(step, carry, (keys, trace.inner, constraints, xs), length)
+        return self._wrap(args, final, trs), jnp.sum(ws), discard
+
+    def _regenerate(self, key, trace, selection, args):
+        carry, xs = args
+        length = self.num_steps(args)
+
+        def step(c, ktx):
+            k, old, x = ktx
+            tr, w = self.kernel._regenerate(k, old, selection, (c, x))
+            return self._split_retval(tr.retval)[0], (tr, w)
+
+        keys = jax.random.split(key, length)
+        final, (trs, ws) = self._scan(step, carry, (keys, trace.inner, xs), length)
+        return self._wrap(args, final, trs), jnp.sum(ws)
+
+    def _project(self, trace, selection):
+        return jnp.sum(jax.vmap(lambda t: self.kernel._project(t, selection))(trace.inner))
+
+    def _choices(self, trace):
+        return trace.inner.choices
+
+    def _site_scores(self, trace, path):
+        for address, score in self.kernel._site_scores(trace.inner, path):
+            yield address, jnp.sum(score, axis=-1)
+
+
+def scan(kernel: GenerativeFunction, length: int | None = None) -> ScanGF:
+    """Repeat `kernel: (carry, x) -> (carry, y)`; call with args `(init_carry, xs)`.
+
+    >>> import numpyro.distributions as dist, ppl
+    >>> @ppl.gen
+    ... def step(z, _):
+    ...     z = ppl.sample("z", dist.Normal(0.9 * z, 1.0))
+    ...     return z, z
+    >>> tr = ppl.scan(step, length=5).simulate(jax.random.key(0), (0.0, None))
+    >>> tr["z"].shape
+    (5,)
+    """
+    return ScanGF(kernel, length)

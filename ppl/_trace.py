@@ -1,0 +1,67 @@
+"""`Trace`: the record of one execution of a generative function.
+
+A trace is a registered pytree. Its static part is the generative function; its leaves
+are the arguments, the return value, the score and a generative-function-specific
+`inner` record (per-site values and log densities for a DSL function, the stacked
+kernel trace for `vmap`/`scan`, ...). Traces of one generative function with the same
+static structure have the same pytree structure, so a batch of traces (particles) is
+`jax.vmap(gf.simulate, in_axes=(0, None))(keys, args)`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+if TYPE_CHECKING:
+    from ._choicemap import ChoiceMap
+    from ._gfi import GenerativeFunction
+
+__all__ = ["Trace"]
+
+
+@jax.tree_util.register_pytree_node_class
+class Trace:
+    """One execution of `gen_fn` on `args`.
+
+    Fields:
+      gen_fn:  the generative function (static).
+      args:    the argument tuple.
+      retval:  the return value.
+      score:   log p(choices) plus every factor: the log joint density, sign as usual
+               (a log density, not its negation).
+      inner:   gen_fn-specific record the other fields are derived from.
+
+    `trace.choices` is the `ChoiceMap` of every random choice; `trace[address]` is the
+    value at an address (a string or a tuple path). For a batch of traces the leaves
+    carry a leading particle axis: `traces["slope"].shape == (num_particles,)`.
+    """
+
+    __slots__ = ("gen_fn", "args", "retval", "score", "inner")
+
+    def __init__(self, gen_fn: GenerativeFunction, args: tuple, retval: Any, score, inner: Any):
+        self.gen_fn = gen_fn
+        self.args = args
+        self.retval = retval
+        self.score = score
+        self.inner = inner
+
+    @property
+    def choices(self) -> ChoiceMap:
+        """Every random choice of the execution, as a `ChoiceMap`."""
+        return self.gen_fn._choices(self)
+
+    def __getitem__(self, address):
+        return self.choices[address]
+
+    def __repr__(self) -> str:
+        name = getattr(self.gen_fn, "__name__", type(self.gen_fn).__name__)
+        return f"Trace({name}, score={self.score!r}, choices={self.choices!r})"
+
+    def tree_flatten(self):
+        return (self.args, self.retval, self.score, self.inner), self.gen_fn
+
+    @classmethod
+    def tree_unflatten(cls, gen_fn, children):
+        return cls(gen_fn, *children)

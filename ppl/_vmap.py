@@ -1,0 +1,140 @@
+"""`ppl.vmap`: a generative function repeated over a batch axis of its arguments.
+
+The trace holds the kernel's traces stacked along the mapped axis (axis 0); so do its
+choices: `trace["points", "y"].shape == (n,)`. Each element draws from its own key
+(`split(key, n)`), and the score is the sum of the element scores.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ._choicemap import ChoiceMap
+from ._errors import ArgumentError, ObservationError, format_address
+from ._gfi import GenerativeFunction
+from ._trace import Trace
+
+__all__ = ["vmap", "VmapGF"]
+
+
+def _freeze(x):
+    if isinstance(x, list):
+        return tuple(_freeze(v) for v in x)
+    if isinstance(x, tuple):
+        return tuple(_freeze(v) for v in x)
+    return x
+
+
+class VmapGF(GenerativeFunction):
+    """`gen_fn` mapped over axis `in_axes` of its args (as `jax.vmap`'s `in_axes`)."""
+
+    def __init__(self, gen_fn: GenerativeFunction, in_axes=0):
+        if not isinstance(gen_fn, GenerativeFunction):
+            raise TypeError(f"ppl.vmap expects a generative function, got {type(gen_fn).__name__}")
+        self.gen_fn = gen_fn
+        self.in_axes = _freeze(in_axes)
+        self.__name__ = f"vmap({gen_fn.__name__})"
+
+    def __eq__(self, other):
+        return type(other) is VmapGF and other.gen_fn == self.gen_fn and other.in_axes == self.in_axes
+
+    def __hash__(self):
+        return hash((VmapGF, self.gen_fn, repr(self.in_axes)))
+
+    def _axes(self, args: tuple) -> tuple:
+        if not isinstance(self.in_axes, tuple):
+            return (self.in_axes,) * len(args)
+        if len(self.in_axes) != len(args):
+            raise ArgumentError(
+                f"{self.__name__}: in_axes={self.in_axes} has {len(self.in_axes)} entries but "
+                f"{len(args)} argument(s) were given; give one axis (or None) per argument."
+            )
+        return self.in_axes
+
+    def _size(self, args: tuple) -> int:
+        sizes = set()
+        for arg, axis in zip(args, self._axes(args)):
+            axis_tree = jax.tree.map(lambda _: axis, arg) if not isinstance(axis, (dict, tuple)) else axis
+            for leaf, ax in zip(jax.tree.leaves(arg), jax.tree.leaves(axis_tree, is_leaf=lambda x: x is None)):
+                if ax is not None:
+                    sizes.add(jnp.shape(leaf)[ax])
+        if not sizes:
+            raise ArgumentError(
+                f"{self.__name__}: no argument is mapped (in_axes={self.in_axes}), so the batch "
+                "size is unknown. Map at least one argument, e.g. in_axes=(0,)."
+            )
+        if len(sizes) > 1:
+            raise ArgumentError(f"{self.__name__}: mapped arguments have different sizes {sorted(sizes)}.")
+        return sizes.pop()
+
+    def _check_arity(self, args, method):
+        self._axes(args)
+
+    def _check_stacked(self, choices: ChoiceMap, n: int, what: str) -> None:
+        for address in choices.addresses():
+            shape = jnp.shape(choices[address]) if address else jnp.shape(choices[()])
+            if not shape or shape[0] != n:
+                raise ObservationError(
+                    f"{self.__name__}: {what} at {format_address(address)} has shape {shape}; "
+                    f"under ppl.vmap it needs the mapped axis first, of size {n}."
+                )
+
+    def _wrap(self, args, tr):
+        return Trace(self, args, tr.retval, jnp.sum(tr.score), tr)
+
+    def _simulate(self, key, args):
+        keys = jax.random.split(key, self._size(args))
+        tr = jax.vmap(self.gen_fn.simulate, in_axes=(0, self._axes(args)))(keys, args)
+        return self._wrap(args, tr)
+
+    def _assess(self, choices, args):
+        self._check_stacked(choices, self._size(args), "choice")
+        lp, retval = jax.vmap(self.gen_fn.assess, in_axes=(0, self._axes(args)))(choices, args)
+        return jnp.sum(lp), retval
+
+    def _generate(self, key, constraints, args):
+        n = self._size(args)
+        self._check_stacked(constraints, n, "constraint")
+        keys = jax.random.split(key, n)
+        tr, w = jax.vmap(self.gen_fn.generate, in_axes=(0, 0, self._axes(args)))(keys, constraints, args)
+        return self._wrap(args, tr), jnp.sum(w)
+
+    def _update(self, key, trace, constraints, args):
+        n = self._size(args)
+        self._check_stacked(constraints, n, "constraint")
+        keys = jax.random.split(key, n)
+        tr, w, discard = jax.vmap(self.gen_fn.update, in_axes=(0, 0, 0, self._axes(args)))(
+            keys, trace.inner, constraints, args
+        )
+        return self._wrap(args, tr), jnp.sum(w), discard
+
+    def _regenerate(self, key, trace, selection, args):
+        keys = jax.random.split(key, self._size(args))
+        step = lambda k, t, a: self.gen_fn._regenerate(k, t, selection, a)  # noqa: E731
+        tr, w = jax.vmap(step, in_axes=(0, 0, self._axes(args)))(keys, trace.inner, args)
+        return self._wrap(args, tr), jnp.sum(w)
+
+    def _project(self, trace, selection):
+        return jnp.sum(jax.vmap(lambda t: self.gen_fn._project(t, selection))(trace.inner))
+
+    def _choices(self, trace):
+        return trace.inner.choices
+
+    def _site_scores(self, trace, path):
+        for address, score in self.gen_fn._site_scores(trace.inner, path):
+            yield address, jnp.sum(score, axis=-1)
+
+
+def vmap(gen_fn: GenerativeFunction, in_axes=0) -> VmapGF:
+    """Batched repetition of `gen_fn`: called with args whose `in_axes` are mapped.
+
+    >>> import numpyro.distributions as dist, ppl
+    >>> @ppl.gen
+    ... def point(x):
+    ...     return ppl.sample("y", dist.Normal(x, 1.0))
+    >>> tr = ppl.vmap(point, in_axes=(0,)).simulate(jax.random.key(0), (jnp.arange(3.0),))
+    >>> tr["y"].shape
+    (3,)
+    """
+    return VmapGF(gen_fn, in_axes)
