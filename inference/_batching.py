@@ -16,12 +16,15 @@ from jax.extend.core import Literal
 __all__ = ["key_dependent_outputs"]
 
 
-def key_dependent_outputs(fn, key, *rest):
-    """`fn(key, *rest)`'s output pytree with True where a leaf depends on `key`.
+def key_dependent_outputs(fn, key):
+    """`fn(key)`'s output pytree with True where a leaf depends on `key`.
+
+    Everything else `fn` needs is closed over, so it stays as concrete (or as outer
+    tracers) as the caller has it.
 
     Falls back to all-True (plain vmap behaviour) if the jaxpr cannot be analysed.
     """
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(key, *rest)
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(key)
     treedef = jax.tree.structure(out_shape)
     try:
         jaxpr = closed.jaxpr

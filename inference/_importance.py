@@ -23,6 +23,7 @@ from ppl._errors import ArgumentError, ObservationError, format_address
 from ppl._gfi import check_args, check_key
 
 from ._batching import key_dependent_outputs
+from ._static import combine, partition
 
 __all__ = ["importance", "ImportanceResult", "log_ess"]
 
@@ -158,17 +159,20 @@ def importance(
         proposal_args = check_args(proposal_args, proposal, "simulate")
     constraints = ChoiceMap.of(constraints)
     _check_finite(constraints)
+    dynamic, static = partition((args, proposal_args))
     result = _importance(
-        key, args, constraints, proposal_args,
-        model=model, num_particles=int(num_particles), proposal=proposal,
+        key, dynamic, constraints,
+        static=static, model=model, num_particles=int(num_particles), proposal=proposal,
     )
     _check_weights(result, model)
     return result
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_particles", "proposal"))
-def _importance(key, args, constraints, proposal_args, *, model, num_particles, proposal):
-    def particle(k, args, constraints, proposal_args):
+@functools.partial(jax.jit, static_argnames=("static", "model", "num_particles", "proposal"))
+def _importance(key, dynamic, constraints, *, static, model, num_particles, proposal):
+    args, proposal_args = combine(dynamic, static)
+
+    def particle(k):
         if proposal is None:
             return model.generate(k, constraints, args)
         k_q, k_p = jax.random.split(k)
@@ -177,9 +181,8 @@ def _importance(key, args, constraints, proposal_args, *, model, num_particles, 
         return tr, w - q.score
 
     keys = jax.random.split(key, num_particles)
-    operands = (args, constraints, proposal_args)
-    out_axes = jax.tree.map(lambda b: 0 if b else None, key_dependent_outputs(particle, keys[0], *operands))
-    traces, log_weights = jax.vmap(particle, in_axes=(0, None, None, None), out_axes=out_axes)(keys, *operands)
+    out_axes = jax.tree.map(lambda b: 0 if b else None, key_dependent_outputs(particle, keys[0]))
+    traces, log_weights = jax.vmap(particle, out_axes=out_axes)(keys)
     log_weights = jnp.broadcast_to(log_weights, (num_particles,))
     log_marginal = logsumexp(log_weights) - math.log(num_particles)
     ess = jnp.exp(log_ess(log_weights))

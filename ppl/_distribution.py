@@ -67,6 +67,15 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _concretely_in_support(d: Distribution, value) -> bool:
+    """Evaluate the support test now, even while tracing; True when undecidable."""
+    try:
+        with jax.ensure_compile_time_eval():
+            return bool(in_support(d, value))
+    except jax.errors.ConcretizationTypeError:
+        return True
+
+
 def sample_struct(d: Distribution) -> jax.ShapeDtypeStruct:
     """Shape and dtype of `d.sample(key)`, found without sampling."""
     return jax.eval_shape(d.sample, jax.random.key(0))
@@ -110,12 +119,12 @@ def prepare_value(address, d: Distribution, value, what: str) -> jax.Array:
                     f"{what} for site {format_address(address)} has non-integer values, but "
                     f"{type(d).__name__} is a discrete distribution over integers."
                 )
-        if all(is_concrete(leaf) for leaf in jax.tree.leaves(d)):
-            if not bool(in_support(d, value)):
-                raise ObservationError(
-                    f"{what} for site {format_address(address)} lies outside the support of "
-                    f"{type(d).__name__} ({d.support}). Its log density would be -inf."
-                )
+        params_known = all(is_concrete(leaf) for leaf in jax.tree.leaves(d))
+        if params_known and not _concretely_in_support(d, value):
+            raise ObservationError(
+                f"{what} for site {format_address(address)} lies outside the support of "
+                f"{type(d).__name__} ({d.support}). Its log density would be -inf."
+            )
     return value.astype(struct.dtype)
 
 

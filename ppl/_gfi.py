@@ -28,6 +28,8 @@ from ._trace import Trace
 
 __all__ = ["GenerativeFunction", "check_key", "check_args"]
 
+_REGENERATE_STREAM = 0x5E6E
+
 
 class GenerativeFunction:
     """Base class: a stochastic program with a density over its random choices.
@@ -85,6 +87,9 @@ class GenerativeFunction:
         """
         key = check_key(key, self, "regenerate")
         _check_trace(trace, self, "regenerate")
+        # A distinct stream: regenerating with the key that simulated the trace (a common
+        # slip) must still move the selected choices instead of redrawing the same values.
+        key = jax.random.fold_in(key, _REGENERATE_STREAM)
         return self._regenerate(key, trace, as_selection(selection), trace.args)
 
     def project(self, trace: Trace, selection) -> jax.Array:
