@@ -237,6 +237,8 @@ def _short(v) -> str:
     shape = getattr(v, "shape", None)
     if shape:
         return f"{getattr(v, 'dtype', '')}{list(shape)}"
+    if shape == () and not isinstance(v, jax.core.Tracer):
+        return repr(v.item())  # a 0-d array prints as its number
     return repr(v)
 
 

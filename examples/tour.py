@@ -1,0 +1,212 @@
+"""A tour of ppl-jax on built-in (simulated) data; prints every result.
+
+Run `python examples/tour.py` (about half a minute on a laptop CPU; `--quick` is smaller):
+
+  (a) a Bayesian linear regression `@ppl.gen` model: simulate, the trace, assess == score
+  (b) generate: condition on observations, the importance weight
+  (c) inference.importance: posterior mean/sd, log marginal, ESS, SIR resampling; the
+      slope posterior against its exact conjugate answer when the noise is known
+  (d) combinators: ppl.vmap over data points; a ppl.scan random-walk state-space model,
+      its importance-sampling evidence against an exact Kalman filter
+  (e) update / regenerate: one Metropolis-Hastings move written by hand, then a chain
+  (f) a friendly error: a misspelled constraint address
+
+Every section is a function `section(key, data, cfg)`; add new ones to SECTIONS.
+"""
+
+import argparse
+import math
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+
+import inference
+import ppl
+
+TRUE_SLOPE, TRUE_NOISE, KNOWN_NOISE = 1.5, 0.5, 0.5
+Q, R = 0.3, 1.0  # random walk: step sd and observation-noise sd
+
+
+# --------------------------------------------------------------------------- models
+@ppl.gen
+def regression(xs):
+    slope = ppl.sample("slope", dist.Normal(0.0, 1.0))
+    noise = ppl.sample("noise", dist.HalfNormal(1.0))
+    return ppl.sample("ys", dist.Normal(slope * xs, noise))
+
+
+@ppl.gen
+def regression_known_noise(xs):
+    slope = ppl.sample("slope", dist.Normal(0.0, 1.0))
+    return ppl.sample("ys", dist.Normal(slope * xs, KNOWN_NOISE))
+
+
+@ppl.gen
+def point(x, slope, noise):  # one data point: the sub-model that ppl.vmap repeats
+    return ppl.sample("y", dist.Normal(slope * x, noise))
+
+
+@ppl.gen
+def regression_vmap(xs):
+    slope = ppl.sample("slope", dist.Normal(0.0, 1.0))
+    noise = ppl.sample("noise", dist.HalfNormal(1.0))
+    return ppl.sample("points", ppl.vmap(point, in_axes=(0, None, None)), xs, slope, noise)
+
+
+@ppl.gen
+def walk_step(z_prev, _):  # z_t ~ N(z_{t-1}, Q), y_t ~ N(z_t, R)
+    z = ppl.sample("z", dist.Normal(z_prev, Q))
+    y = ppl.sample("y", dist.Normal(z, R))
+    return z, y
+
+
+# ------------------------------------------------------------------- exact answers
+def conjugate_slope_posterior(xs, ys, noise, prior_sd=1.0):
+    """slope ~ N(0, prior_sd^2), ys ~ N(slope xs, noise^2): the posterior is Normal."""
+    precision = 1.0 / prior_sd**2 + jnp.sum(xs**2) / noise**2
+    return jnp.sum(xs * ys) / noise**2 / precision, 1.0 / jnp.sqrt(precision)
+
+
+@jax.jit
+def kalman_log_likelihood(ys, z0=0.0):
+    """log p(y_1..T) of the random walk, by the Kalman filter."""
+
+    def step(carry, y):
+        m, p, ll = carry
+        p = p + Q**2  # predict
+        s = p + R**2
+        ll = ll + dist.Normal(m, jnp.sqrt(s)).log_prob(y)
+        k = p / s  # update
+        return (m + k * (y - m), (1.0 - k) * p, ll), None
+
+    (_, _, ll), _ = jax.lax.scan(step, (jnp.asarray(z0), jnp.asarray(0.0), jnp.asarray(0.0)), ys)
+    return ll
+
+
+def weighted_mean_sd(values, weights):
+    mean = jnp.sum(weights * values)
+    return mean, jnp.sqrt(jnp.sum(weights * (values - mean) ** 2))
+
+
+# ------------------------------------------------------------------------ sections
+def section_simulate(key, data, cfg):
+    trace = jax.jit(regression.simulate)(key, (data["xs"],))
+    print("trace.choices:", trace.choices)
+    print(f"slope = {float(trace['slope']):.3f}, noise = {float(trace['noise']):.3f}, ys[:3] = {trace['ys'][:3]}")
+    log_density, _ = regression.assess(trace.choices, (data["xs"],))
+    print(f"score = {float(trace.score):.4f}   assess = {float(log_density):.4f}")
+    print("assess equals score:", bool(jnp.allclose(trace.score, log_density)))
+
+
+def section_generate(key, data, cfg):
+    trace, log_w = regression.generate(key, {"ys": data["ys"]}, (data["xs"],))
+    print(f"slope = {float(trace['slope']):.3f}, noise = {float(trace['noise']):.3f} (drawn from the prior)")
+    print(f"log weight = log p(ys | slope, noise) = {float(log_w):.3f}")
+
+
+def section_importance(key, data, cfg):
+    xs, ys, n = data["xs"], data["ys"], cfg["particles"]
+    k1, k2, k3 = jax.random.split(key, 3)
+    res = inference.importance(k1, regression, (xs,), {"ys": ys}, n)
+    w = res.normalized_weights()
+    for site, truth in (("slope", TRUE_SLOPE), ("noise", TRUE_NOISE)):
+        mean, sd = weighted_mean_sd(res.traces[site], w)
+        print(f"{site:5s}: posterior mean {float(mean):.3f} sd {float(sd):.3f}   (true {truth})")
+    print(f"log marginal = {float(res.log_marginal):.3f}   ESS = {float(res.ess):.1f} of {n}")
+    draws = res.resample(k2, 1000)
+    print(f"SIR: 1000 resampled traces, slope mean {float(draws['slope'].mean()):.3f}")
+    # Known noise: the slope posterior is Normal in closed form.
+    res = inference.importance(k3, regression_known_noise, (xs,), {"ys": ys}, n)
+    est_mean, est_sd = weighted_mean_sd(res.traces["slope"], res.normalized_weights())
+    exact_mean, exact_sd = conjugate_slope_posterior(xs, ys, KNOWN_NOISE)
+    print(f"known noise, slope posterior: estimate {float(est_mean):.4f} +- {float(est_sd):.4f}"
+          f"   exact {float(exact_mean):.4f} +- {float(exact_sd):.4f}")
+
+
+def section_combinators(key, data, cfg):
+    xs, ys, n = data["xs"], data["ys"], cfg["particles"]
+    k1, k2, k3 = jax.random.split(key, 3)
+    # ppl.vmap: the per-point choices sit under "points", stacked: ("points", "y") has shape [N].
+    flat = inference.importance(k1, regression, (xs,), {"ys": ys}, n)
+    nested = inference.importance(k1, regression_vmap, (xs,), {("points", "y"): ys}, n)
+    print(f"vmap model: log marginal {float(nested.log_marginal):.3f}"
+          f" (flat model, same key: {float(flat.log_marginal):.3f})")
+    # ppl.scan: a Gaussian random walk observed with noise, T steps.
+    walk = ppl.scan(walk_step, length=cfg["T"])
+    sim = walk.simulate(k2, (0.0, None))
+    obs = {"y": sim["y"]}
+    print(f"scan model: T = {cfg['T']}, choices z, y of shape {sim['z'].shape}")
+    res = inference.importance(k3, walk, (0.0, None), obs, n)
+    exact = kalman_log_likelihood(sim["y"])
+    print(f"log marginal: importance {float(res.log_marginal):.3f}   Kalman filter (exact) {float(exact):.3f}"
+          f"   ESS = {float(res.ess):.1f} of {n}")
+    print("(the prior proposes all T latent steps at once, so the estimate is noisy; SMC walks the scan step by step)")
+
+
+def section_update_regenerate(key, data, cfg):
+    xs, ys = data["xs"], data["ys"]
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    trace, _ = regression.generate(k1, {"ys": ys}, (xs,))
+    new, log_w, discard = regression.update(k2, trace, {"slope": 1.0}, (xs,))
+    print(f"update slope -> 1.0: log weight {float(log_w):.3f} = new score - old score "
+          f"{float(new.score - trace.score):.3f}; discard holds the old slope {float(discard['slope']):.3f}")
+    # One MH step by hand: propose slope from its prior, accept with the log weight.
+    proposal, log_w = regression.regenerate(k3, trace, ppl.select("slope"))
+    accept = jnp.log(jax.random.uniform(k4)) < log_w
+    print(f"MH step: proposed slope {float(proposal['slope']):.3f}, log weight {float(log_w):.3f},"
+          f" accepted = {bool(accept)}")
+
+    def mh(trace, k):  # the same move, jit-compiled, as a chain with lax.scan
+        k_prop, k_acc = jax.random.split(k)
+        prop, log_w = regression.regenerate(k_prop, trace, ppl.select("slope", "noise"))
+        accept = jnp.log(jax.random.uniform(k_acc)) < log_w
+        trace = jax.tree.map(lambda a, b: jnp.where(accept, a, b), prop, trace)
+        return trace, (trace["slope"], accept)
+
+    steps = cfg["mh_steps"]
+    _, (slopes, accepts) = jax.jit(lambda t, ks: jax.lax.scan(mh, t, ks))(trace, jax.random.split(k4, steps))
+    kept = slopes[steps // 5 :]
+    print(f"MH chain ({steps} steps): acceptance {float(accepts.mean()):.2f},"
+          f" slope posterior mean {float(kept.mean()):.3f} sd {float(kept.std()):.3f}")
+
+
+def section_errors(key, data, cfg):
+    try:
+        regression.generate(key, {"ys": data["ys"], "slop": 1.0}, (data["xs"],))
+    except ppl.PPLError as err:
+        print(f"{type(err).__name__}: {err}")
+
+
+SECTIONS = [
+    ("(a) a model: simulate, trace, assess", section_simulate),
+    ("(b) generate: conditioning on observations", section_generate),
+    ("(c) importance sampling", section_importance),
+    ("(d) combinators: vmap and scan", section_combinators),
+    ("(e) update and regenerate: Metropolis-Hastings by hand", section_update_regenerate),
+    ("(f) friendly errors", section_errors),
+]
+
+
+def make_data(key, n_points):
+    xs = jnp.linspace(-2.0, 2.0, n_points)
+    ys = TRUE_SLOPE * xs + TRUE_NOISE * jax.random.normal(key, (n_points,))
+    return {"xs": xs, "ys": ys}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (for tests)")
+    args = parser.parse_args(argv)
+    cfg = dict(particles=2_000, T=50, mh_steps=500) if args.quick else dict(particles=20_000, T=50, mh_steps=5_000)
+    data_key, *keys = jax.random.split(jax.random.key(2024), len(SECTIONS) + 1)
+    data = make_data(data_key, n_points=10)
+    print(f"data: {data['xs'].shape[0]} points, true slope {TRUE_SLOPE}, true noise {TRUE_NOISE}")
+    for (title, section), key in zip(SECTIONS, keys):
+        print(f"\n=== {title} ===")
+        section(key, data, cfg)
+    print("\ntour finished")
+
+
+if __name__ == "__main__":
+    main()
