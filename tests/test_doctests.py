@@ -1,0 +1,27 @@
+"""Every docstring example in the packages runs (STYLE §6: examples are doctests)."""
+
+import doctest
+import importlib
+import pkgutil
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+import pytest
+
+import inference
+import ppl
+
+MODULES = sorted(
+    f"{pkg.__name__}.{info.name}"
+    for pkg in (ppl, inference)
+    for info in pkgutil.iter_modules(pkg.__path__)
+)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name)
+    globs = {"jax": jax, "jnp": jnp, "dist": dist, "ppl": ppl, "inference": inference}
+    failures, _ = doctest.testmod(module, extraglobs=globs, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert failures == 0
