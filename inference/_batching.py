@@ -1,38 +1,37 @@
-"""Which outputs of a per-particle function actually vary from particle to particle.
+"""Running a per-particle function over a batch of keys without broadcasting shared leaves.
 
 `jax.vmap` with `out_axes=0` broadcasts every output, so a batch of 100,000 traces of a
 regression model would hold 100,000 copies of the observed data and of the arguments.
 An output that does not depend on the particle's key is the same for every particle;
-keeping it unbatched (`out_axes=None`) saves that memory traffic. Dependence is read
-off the jaxpr by a forward pass, conservatively: an equation with any key-dependent
-input makes all its outputs key-dependent.
+`vmap_particles` keeps it unbatched (`out_axes=None`). Dependence is read off the jaxpr
+by a forward pass, conservatively (an equation with any key-dependent input makes all
+its outputs key-dependent), and the same jaxpr is then batched, so the model is traced
+once.
 """
 
 from __future__ import annotations
 
 import jax
-from jax.extend.core import Literal
+from jax.extend.core import Literal, jaxpr_as_fun
 
-__all__ = ["key_dependent_outputs"]
+__all__ = ["vmap_particles"]
 
 
-def key_dependent_outputs(fn, key):
-    """`fn(key)`'s output pytree with True where a leaf depends on `key`.
+def vmap_particles(fn, keys):
+    """`jax.vmap(fn)(keys)`, with outputs that do not depend on the key left unbatched.
 
-    Everything else `fn` needs is closed over, so it stays as concrete (or as outer
-    tracers) as the caller has it.
-
-    Falls back to all-True (plain vmap behaviour) if the jaxpr cannot be analysed.
+    `fn(key)` closes over everything else it needs. Returns `(outputs, is_batched)`:
+    `outputs` has `fn`'s pytree structure, with leading axis `len(keys)` on the leaves
+    whose flag in the flat tuple `is_batched` is True, and no batch axis elsewhere.
     """
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(key)
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(keys[0])
     treedef = jax.tree.structure(out_shape)
-    try:
-        jaxpr = closed.jaxpr
-        depends = set(jaxpr.invars[: len(jax.tree.leaves(key))])
-        for eqn in jaxpr.eqns:
-            if any(not isinstance(v, Literal) and v in depends for v in eqn.invars):
-                depends.update(eqn.outvars)
-        flags = [not isinstance(v, Literal) and v in depends for v in jaxpr.outvars]
-    except Exception:  # noqa: BLE001 - an unexpected jaxpr form only costs memory
-        flags = [True] * treedef.num_leaves
-    return jax.tree.unflatten(treedef, flags)
+    jaxpr = closed.jaxpr
+    depends = set(jaxpr.invars)  # the key is fn's only input
+    for eqn in jaxpr.eqns:
+        if any(not isinstance(v, Literal) and v in depends for v in eqn.invars):
+            depends.update(eqn.outvars)
+    is_batched = tuple(not isinstance(v, Literal) and v in depends for v in jaxpr.outvars)
+    out_axes = [0 if b else None for b in is_batched]
+    leaves = jax.vmap(jaxpr_as_fun(closed), out_axes=out_axes)(keys)
+    return jax.tree.unflatten(treedef, leaves), is_batched

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from ppl._distribution import is_concrete
 from ppl._errors import ArgumentError, ObservationError, format_address
 from ppl._gfi import check_args, check_key
 
-from ._batching import key_dependent_outputs
+from ._batching import vmap_particles
 from ._static import combine, partition
 
 __all__ = ["importance", "ImportanceResult", "log_ess"]
@@ -158,13 +159,12 @@ def importance(
             raise ArgumentError(f"importance: proposal must be a generative function, got {type(proposal).__name__}.")
         proposal_args = check_args(proposal_args, proposal, "simulate")
     constraints = ChoiceMap.of(constraints)
-    _check_finite(constraints)
     dynamic, static = partition((args, proposal_args))
-    result = _importance(
+    result, status = _importance(
         key, dynamic, constraints,
         static=static, model=model, num_particles=int(num_particles), proposal=proposal,
     )
-    _check_weights(result, model)
+    _raise_if_degenerate(result, status, constraints, model)
     return result
 
 
@@ -181,26 +181,45 @@ def _importance(key, dynamic, constraints, *, static, model, num_particles, prop
         return tr, w - q.score
 
     keys = jax.random.split(key, num_particles)
-    out_axes = jax.tree.map(lambda b: 0 if b else None, key_dependent_outputs(particle, keys[0]))
-    traces, log_weights = jax.vmap(particle, out_axes=out_axes)(keys)
+    (traces, log_weights), is_batched = vmap_particles(particle, keys)
     log_weights = jnp.broadcast_to(log_weights, (num_particles,))
     log_marginal = logsumexp(log_weights) - math.log(num_particles)
     ess = jnp.exp(log_ess(log_weights))
-    is_batched = tuple(ax == 0 for ax in jax.tree.leaves(out_axes[0], is_leaf=lambda x: x is None))
-    return ImportanceResult(traces, is_batched, log_weights, log_marginal, ess)
+    result = ImportanceResult(traces, is_batched[:-1], log_weights, log_marginal, ess)
+    # A few flags, so that the driver can raise without copying data to the host.
+    status = _Status(
+        constraint_is_finite=tuple(_all_finite(constraints[a] if a else constraints[()])
+                                   for a in constraints.addresses()),
+        any_nan=jnp.any(jnp.isnan(log_weights)),
+        all_neginf=jnp.all(jnp.isneginf(log_weights)),
+    )
+    return result, status
 
 
-def _check_finite(constraints: ChoiceMap) -> None:
-    for address in constraints.addresses():
-        value = constraints[address] if address else constraints[()]
-        if is_concrete(value):
-            host = np.asarray(value)
-            if np.issubdtype(host.dtype, np.inexact) and not np.all(np.isfinite(host)):
-                raise ObservationError(
-                    f"importance: constraint {format_address(address)} has non-finite values "
-                    f"({int(np.sum(~np.isfinite(host)))} of {host.size}). Remove or impute them, "
-                    "or mask the missing entries in the model."
-                )
+class _Status(NamedTuple):
+    constraint_is_finite: tuple
+    any_nan: jax.Array
+    all_neginf: jax.Array
+
+
+def _all_finite(value) -> jax.Array:
+    value = jnp.asarray(value)
+    return jnp.all(jnp.isfinite(value)) if jnp.issubdtype(value.dtype, jnp.inexact) else jnp.asarray(True)
+
+
+def _raise_if_degenerate(result, status: _Status, constraints: ChoiceMap, model) -> None:
+    """Name the bad observation or site instead of returning NaN (one small host copy)."""
+    if not is_concrete(status.any_nan):
+        return  # inside a user's jit: the caller sees the weights
+    status = jax.device_get(status)
+    for address, ok in zip(constraints.addresses(), status.constraint_is_finite):
+        if not ok:
+            raise ObservationError(
+                f"importance: constraint {format_address(address)} has non-finite values. "
+                "Remove or impute them, or mask the missing entries in the model."
+            )
+    if status.any_nan or status.all_neginf:
+        _check_weights(result, model)
 
 
 def _check_weights(result: ImportanceResult, model: GenerativeFunction) -> None:

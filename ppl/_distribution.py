@@ -42,10 +42,29 @@ def _unmasked():
         Distribution._validate_args = previous
 
 
+# Densities of the commonest families in the (x - loc)^2 / scale^2 form. numpyro's
+# ((x - loc) / scale)^2 form keeps one more [batch, data] residual for reverse mode:
+# jax.grad of a regression log joint over 10,000 points ran 1.18x slower with it
+# (benchmarks/core.py, grad_assess). Values are equal to float32 rounding (tested).
+_LOG2 = float(np.log(2.0))
+_FAST_LOG_PROB = {
+    dist.Normal: lambda d, x: jax.scipy.stats.norm.logpdf(x, d.loc, d.scale),
+    dist.HalfNormal: lambda d, x: jax.scipy.stats.norm.logpdf(x, 0.0, d.scale) + _LOG2,
+}
+_SUMMED_WRAPPERS = (dist.Independent, dist.ExpandedDistribution)
+
+
 def log_density(d: Distribution, value, *, check_support: bool) -> jax.Array:
     """Scalar log density of `value` under `d` (summed over batch and event dims)."""
-    with _unmasked():
-        lp = jnp.sum(d.log_prob(value))
+    base = d
+    while type(base) in _SUMMED_WRAPPERS:  # both only reshape or broadcast a summed density
+        base = base.base_dist
+    fast = _FAST_LOG_PROB.get(type(base))
+    if fast is not None:
+        lp = jnp.sum(fast(base, value))
+    else:
+        with _unmasked():
+            lp = jnp.sum(d.log_prob(value))
     if check_support:
         lp = jnp.where(in_support(d, value), lp, -jnp.inf)
     return lp

@@ -206,3 +206,24 @@ def test_discrete_observations_are_cast_and_checked(key):
     # a traced out-of-support value gets density -inf instead of a number
     lp = jax.jit(lambda k: counts.assess({"rate": 1.0, "k": k}, ())[0])(jnp.array([-1, 0, 4]))
     assert lp == -jnp.inf
+
+
+@pytest.mark.parametrize(
+    "d",
+    [
+        dist.Normal(0.3, 2.0),
+        dist.Normal(jnp.array([0.0, 1.0, -1.0]), 0.5),
+        dist.Normal(1.0, 0.7).expand((2, 3)),
+        dist.Normal(jnp.zeros(3), jnp.ones(3)).to_event(1),
+        dist.HalfNormal(1.5),
+        dist.HalfNormal(jnp.array([0.5, 2.0])).expand((4, 2)).to_event(2),
+    ],
+)
+def test_fast_density_paths_equal_numpyro(d, key):
+    from ppl._distribution import log_density
+
+    x = d.sample(key)
+    assert_close(log_density(d, x, check_support=False), jnp.sum(d.log_prob(x)), rtol=1e-6)
+    g_fast = jax.grad(lambda v: log_density(d, v, check_support=False))(x)
+    g_ref = jax.grad(lambda v: jnp.sum(d.log_prob(v)))(x)
+    assert_close(g_fast, g_ref, rtol=1e-5)
