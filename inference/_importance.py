@@ -24,6 +24,7 @@ from ppl._errors import ArgumentError, ObservationError, format_address
 from ppl._gfi import check_args, check_key
 
 from ._batching import vmap_particles
+from ._sharding import shard_leading_axis
 from ._static import combine, partition
 
 __all__ = ["importance", "ImportanceResult", "log_ess"]
@@ -133,7 +134,8 @@ def importance(
         choices; called as `proposal.simulate(key, proposal_args)`.
 
     Returns an `ImportanceResult` (log_weights [N], log_marginal [], ess [], traces,
-    resample). Raises `InferenceError` naming the site if every weight is -inf, or if a
+    resample). With several devices and N divisible by their number, the particles are
+    sharded across `jax.devices()`. Raises `InferenceError` naming the site if every weight is -inf, or if a
     weight is NaN.
 
     >>> import numpyro.distributions as dist, ppl
@@ -180,7 +182,7 @@ def _importance(key, dynamic, constraints, *, static, model, num_particles, prop
         tr, w = model.generate(k_p, constraints.merge(q.choices), args)
         return tr, w - q.score
 
-    keys = jax.random.split(key, num_particles)
+    keys = shard_leading_axis(jax.random.split(key, num_particles))
     (traces, log_weights), is_batched = vmap_particles(particle, keys)
     log_weights = jnp.broadcast_to(log_weights, (num_particles,))
     log_marginal = logsumexp(log_weights) - math.log(num_particles)
@@ -188,8 +190,7 @@ def _importance(key, dynamic, constraints, *, static, model, num_particles, prop
     result = ImportanceResult(traces, is_batched[:-1], log_weights, log_marginal, ess)
     # A few flags, so that the driver can raise without copying data to the host.
     status = _Status(
-        constraint_is_finite=tuple(_all_finite(constraints[a] if a else constraints[()])
-                                   for a in constraints.addresses()),
+        constraint_is_finite=tuple(_all_finite(v) for _, v in constraints.flat_items()),
         any_nan=jnp.any(jnp.isnan(log_weights)),
         all_neginf=jnp.all(jnp.isneginf(log_weights)),
     )

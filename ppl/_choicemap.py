@@ -13,8 +13,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from ._errors import AddressError, UnknownAddressError, format_address, suggest
+from ._errors import AddressError, ObservationError, UnknownAddressError, format_address, suggest
 
 __all__ = ["ChoiceMap", "Selection", "select", "normalize_address"]
 
@@ -154,6 +155,10 @@ class ChoiceMap(Mapping):
                 out.append((key,))
         return out
 
+    def flat_items(self) -> list[tuple[tuple, Any]]:
+        """`(address, value)` for every leaf; a leaf map gives `[((), value)]`."""
+        return [(a, self[a]) for a in self.addresses()]
+
     def to_dict(self) -> dict:
         """Nested plain dicts of the values (a leaf map returns its value)."""
         if self.has_value:
@@ -212,6 +217,20 @@ class ChoiceMap(Mapping):
         value = children[0] if has_value else _NO_VALUE
         rest = children[1:] if has_value else children
         return cls._from_parts(value, dict(zip(keys, rest)))
+
+
+def check_leading_axis(choices: ChoiceMap, size: int, *, owner: str, what: str, axis: str) -> None:
+    """Raise `ObservationError` unless every leaf of `choices` has leading axis `size`.
+
+    For the choices of a combinator that stacks its kernel's traces (vmap, scan).
+    """
+    for address, value in choices.flat_items():
+        shape = jnp.shape(value)
+        if not shape or shape[0] != size:
+            raise ObservationError(
+                f"{owner}: {what} at {format_address(address)} has shape {shape}; it needs "
+                f"the {axis} first, of size {size}."
+            )
 
 
 def _insert(submaps: dict, path: tuple, val) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._choicemap import ChoiceMap
-from ._errors import ArgumentError, ObservationError, format_address
+from ._choicemap import ChoiceMap, check_leading_axis
+from ._errors import ArgumentError
 from ._gfi import GenerativeFunction
 from ._trace import Trace
 
@@ -69,14 +69,8 @@ class ScanGF(GenerativeFunction):
             )
         return retval
 
-    def _check_stacked(self, choices: ChoiceMap, length: int, what: str):
-        for address in choices.addresses():
-            shape = jnp.shape(choices[address] if address else choices[()])
-            if not shape or shape[0] != length:
-                raise ObservationError(
-                    f"{self.__name__}: {what} at {format_address(address)} has shape {shape}; "
-                    f"under ppl.scan it needs the time axis first, of length {length}."
-                )
+    def _check_stacked(self, choices: ChoiceMap, size: int, what: str) -> None:
+        check_leading_axis(choices, size, owner=self.__name__, what=what, axis="time axis")
 
     def _scan(self, step, carry, xs, length):
         try:

@@ -124,57 +124,50 @@ class SwitchGF(GenerativeFunction):
         slots, retval, score, w = self._switch(index, [branch(i) for i in range(len(self.branches))], key)
         return Trace(self, args, retval, score, slots), w
 
-    def _update(self, key, trace, constraints, args):
+    def _move(self, key, trace, args, same, moved):
+        """New trace at index `args[0]` from `trace`: branch i runs `same(i, k, old_slot)`
+        when the index did not change and `moved(i, k)` when it did; both give (trace, w)."""
         old_index, index, bargs = trace.args[0], args[0], args[1:]
         structs = self._structs(bargs)
-        parts = self._split(constraints, structs, "constraint")
 
         def branch(i):
-            b = self.branches[i]
-
-            def same(k, old):
-                tr, w, _ = b.update(k, old[i], parts[i], bargs)
-                return tr, w
-
-            def moved(k, old):  # new branch from the prior; every old choice is discarded
-                tr, w = b.generate(k, parts[i], bargs)
-                return tr, w - trace.score
-
-            def run(k, old):
-                tr, w = jax.lax.cond(old_index == i, same, moved, k, old)
+            def run(k, slots):
+                tr, w = jax.lax.cond(
+                    old_index == i, lambda: same(i, k, slots[i]), lambda: moved(i, k)
+                )
                 return self._slots(i, tr, structs), tr.retval, tr.score, w
             return run
 
-        slots, retval, score, w = self._switch(
-            index, [branch(i) for i in range(len(self.branches))], key, trace.inner
-        )
-        discard = trace.choices.filter(select(*constraints.addresses())) if not constraints.is_empty else ChoiceMap()
-        return Trace(self, args, retval, score, slots), w, discard
+        fns = [branch(i) for i in range(len(self.branches))]
+        slots, retval, score, w = self._switch(index, fns, key, trace.inner)
+        return Trace(self, args, retval, score, slots), w
+
+    def _update(self, key, trace, constraints, args):
+        parts = self._split(constraints, self._structs(args[1:]), "constraint")
+
+        def same(i, k, old):
+            tr, w, _ = self.branches[i].update(k, old, parts[i], args[1:])
+            return tr, w
+
+        def moved(i, k):  # new branch from the prior; every old choice is discarded
+            tr, w = self.branches[i].generate(k, parts[i], args[1:])
+            return tr, w - trace.score
+
+        new, w = self._move(key, trace, args, same, moved)
+        changed = select(*constraints.addresses())
+        return new, w, trace.choices.filter(changed) if not constraints.is_empty else ChoiceMap()
 
     def _regenerate(self, key, trace, selection, args):
-        old_index, index, bargs = trace.args[0], args[0], args[1:]
-        structs = self._structs(bargs)
         old_fixed = self._project(trace, Selection.none())
 
-        def branch(i):
-            b = self.branches[i]
+        def same(i, k, old):
+            return self.branches[i]._regenerate(k, old, selection, args[1:])
 
-            def same(k, old):
-                return b._regenerate(k, old[i], selection, bargs)
+        def moved(i, k):  # every choice fresh from the prior: only factors weigh
+            tr = self.branches[i].simulate(k, args[1:])
+            return tr, self.branches[i]._project(tr, Selection.none()) - old_fixed
 
-            def moved(k, old):  # every choice fresh from the prior: only factors weigh
-                tr = b.simulate(k, bargs)
-                return tr, b._project(tr, Selection.none()) - old_fixed
-
-            def run(k, old):
-                tr, w = jax.lax.cond(old_index == i, same, moved, k, old)
-                return self._slots(i, tr, structs), tr.retval, tr.score, w
-            return run
-
-        slots, retval, score, w = self._switch(
-            index, [branch(i) for i in range(len(self.branches))], key, trace.inner
-        )
-        return Trace(self, args, retval, score, slots), w
+        return self._move(key, trace, args, same, moved)
 
     def _project(self, trace, selection):
         fns = [

@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._choicemap import ChoiceMap
-from ._errors import ArgumentError, ObservationError, format_address
+from ._choicemap import ChoiceMap, check_leading_axis
+from ._errors import ArgumentError
 from ._gfi import GenerativeFunction
 from ._trace import Trace
 
@@ -71,14 +71,8 @@ class VmapGF(GenerativeFunction):
     def _check_arity(self, args, method):
         self._axes(args)
 
-    def _check_stacked(self, choices: ChoiceMap, n: int, what: str) -> None:
-        for address in choices.addresses():
-            shape = jnp.shape(choices[address]) if address else jnp.shape(choices[()])
-            if not shape or shape[0] != n:
-                raise ObservationError(
-                    f"{self.__name__}: {what} at {format_address(address)} has shape {shape}; "
-                    f"under ppl.vmap it needs the mapped axis first, of size {n}."
-                )
+    def _check_stacked(self, choices: ChoiceMap, size: int, what: str) -> None:
+        check_leading_axis(choices, size, owner=self.__name__, what=what, axis="mapped axis")
 
     def _wrap(self, args, tr):
         return Trace(self, args, tr.retval, jnp.sum(tr.score), tr)

@@ -1,0 +1,42 @@
+"""Particles shard across devices (4 forced CPU devices, in a subprocess so that the
+XLA flag takes effect before JAX starts) and give the single-device answer."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    import numpyro.distributions as dist
+    import inference, ppl
+
+    assert jax.device_count() == 4, jax.devices()
+
+    @ppl.gen
+    def model(n):
+        mu = ppl.sample("mu", dist.Normal(0.0, 1.0))
+        return ppl.sample("y", dist.Normal(mu, 1.0).expand((n,)))
+
+    y = jnp.array([0.5, 1.0, 1.5])
+    res = inference.importance(jax.random.key(0), model, (3,), {"y": y}, 4096)
+    assert len(res.log_weights.sharding.device_set) == 4, res.log_weights.sharding
+    assert len(res.traces["mu"].sharding.device_set) == 4
+
+    # the same computation pinned to one device
+    with jax.default_device(jax.devices()[0]):
+        one = jax.jit(
+            lambda k: jax.vmap(lambda kk: model.generate(kk, {"y": y}, (3,))[1])(jax.random.split(k, 4096))
+        )(jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(res.log_weights), np.asarray(one), rtol=1e-6, atol=1e-6)
+    print("sharded ok", float(res.log_marginal))
+    """
+)
+
+
+def test_importance_particles_shard_over_four_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sharded ok" in out.stdout
