@@ -59,7 +59,12 @@ class ScanGF(GenerativeFunction):
 
     def _carry(self, carry):
         # A weakly typed init (a Python float) would not match the kernel's output carry.
-        return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), carry)
+        def strengthen(x):
+            if isinstance(x, jax.Array) and not getattr(x, "weak_type", False):
+                return x  # includes typed PRNG keys carried in the state
+            return jnp.asarray(x, dtype=jnp.asarray(x).dtype)
+
+        return jax.tree.map(strengthen, carry)
 
     def _split_retval(self, retval):
         if not (isinstance(retval, tuple) and len(retval) == 2):

@@ -192,3 +192,17 @@ def test_mask_switches_contribution_off(key):
 
     tr = ppl.scan(step, length=5).simulate(key, (0, jnp.full((5,), 2)))
     assert_close(tr.score, dist.Normal(0.0, 1.0).log_prob(tr["x", "x"][:2]).sum())
+
+
+def test_scan_carries_a_prng_key_and_python_scalars(key):
+    @ppl.gen
+    def keyed(carry, _):
+        k, total = carry
+        k, sub = jax.random.split(k)
+        x = ppl.sample("x", dist.Normal(jax.random.normal(sub), 1.0))
+        return (k, total + x), x
+
+    tr = ppl.scan(keyed, length=3).simulate(key, ((jax.random.key(5), 0.0), None))
+    (final_key, total), xs = tr.retval
+    assert jax.dtypes.issubdtype(final_key.dtype, jax.dtypes.prng_key)
+    assert_close(total, xs.sum())

@@ -6,12 +6,15 @@ plus a factor, wrapped in one nesting pattern: flat, a nested call, `ppl.vmap`,
 `ppl.scan` or `ppl.switch`. The laws are identities, checked to float32 rounding:
 
   assess(simulate().choices) == score
+  simulate / generate / update / regenerate traces share one pytree structure
   generate(all choices) weight == score, and the choices come back unchanged
   update(trace, all choices of another trace) weight == new score - old score
   update(trace, some choices) weight == new score - old score (no fresh draws)
   regenerate(trace, sel): unselected choices untouched, weight == change of the score
       without the selected choices' densities, project(all) == score
 """
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +27,8 @@ import ppl
 
 FAMILIES = ("normal", "gamma", "beta", "poisson", "bernoulli")
 NESTINGS = ("flat", "call", "vmap", "scan", "switch")
-LAWS = settings(max_examples=10, deadline=None, derandomize=True,
+# CI draws 10 models per law; PPL_LAW_EXAMPLES=500 gives a thorough local run.
+LAWS = settings(max_examples=int(os.environ.get("PPL_LAW_EXAMPLES", 10)), deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
 RTOL, ATOL = 2e-5, 2e-4  # float32 sums of a handful of log densities
 
@@ -110,6 +114,13 @@ def close(a, b):
     np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=RTOL, atol=ATOL)
 
 
+def same_structure(a, b):
+    """Traces that lax.cond / lax.scan can mix: same treedef, leaf shapes and dtypes."""
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert (jnp.shape(x), jnp.result_type(x)) == (jnp.shape(y), jnp.result_type(y))
+
+
 def same_choices(a, b):
     assert a.addresses() == b.addresses()
     for address in a.addresses():
@@ -134,6 +145,7 @@ def test_fully_constrained_generate_weight_is_the_score(model, seed):
     close(w, tr.score)
     close(gtr.score, tr.score)
     same_choices(gtr.choices, tr.choices)
+    same_structure(gtr, tr)
 
 
 @LAWS
@@ -142,6 +154,7 @@ def test_update_to_another_trace_weight_is_the_score_ratio(model, seed):
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
     old, new = model.simulate(k1, ARGS), model.simulate(k2, ARGS)
     utr, w, _ = model.update(k3, old, new.choices, (0.7,))
+    same_structure(utr, old)
     new_score, _ = model.assess(new.choices, (0.7,))
     close(utr.score, new_score)
     close(w, new_score - old.score)
@@ -175,6 +188,7 @@ def test_regenerate_keeps_unselected_choices_and_weighs_them(model, seed, data):
         chosen.append("branch")  # a branch flip redraws the branch's choices
     sel = ppl.select(*chosen)
     new, w = model.regenerate(k2, old, sel)
+    same_structure(new, old)
     for a in top:
         if a not in chosen:
             same_choices(new.choices.get_submap(a), old.choices.get_submap(a))
