@@ -1,4 +1,4 @@
-"""Core benchmarks: the framework against the same computation hand-coded in plain JAX.
+"""Core benchmarks: the framework against the same computation hand-coded in plain JAX and NumPyro.
 
 Run `python benchmarks/core.py` (full size) or `python benchmarks/core.py --quick` (smoke
 run, small sizes). Model: Bayesian linear regression on 100 points,
@@ -16,11 +16,22 @@ Benchmarks (`benchmark` field) and implementations (`impl` field):
   `handcoded_keys` is the same computation in plain JAX: `vmap` over one split key per
   particle, one `fold_in` key per site (the framework's own scheme, so the particles are
   the same draws), `jax.scipy.stats` densities; `handcoded_batched` draws
-  `normal(k, (N,))` per site, the lower bound a user could reach.
+  `normal(k, (N,))` per site, the lower bound a user could reach. `numpyro` is the
+  idiomatic NumPyro route on the same model written with `numpyro.sample` (`obs=ys`):
+  `Predictive(model, num_samples=N, return_sites=["slope", "noise"], parallel=True)(k, xs)`
+  for the prior draws, `log_likelihood(model, prior, xs, ys, parallel=True)["ys"]` summed
+  over points for the log weights, then logsumexp - log N, all in one `jax.jit`. NumPyro's
+  default settings (validation on, so every `log_prob` carries the support mask), except
+  `parallel=True`: the default `parallel=False` runs a sequential `lax.map` over the N
+  particles, which nobody would use at this size. `numpyro_novalidate` is the same with
+  `numpyro.validation_enabled(False)` around the traced body (the flag is read at trace time).
 - `grad_assess`: `jax.grad` of the log joint (`regression.assess`) with respect to
   slope, noise and xs, jitted. `batch` = 1 is one point (dominated by dispatch overhead);
   `batch` = 10,000 vmaps the gradient over 10,000 (slope, noise) points.
-  `framework` vs `handcoded` (jnp log joint, same densities).
+  `framework` vs `handcoded` (jnp log joint, same densities) vs `numpyro`, which is
+  `numpyro.infer.util.log_density(model, (xs, ys), {}, {"slope": .., "noise": ..})[0]`
+  (default settings: validation on), differentiated w.r.t. slope, noise and xs like the
+  others; `numpyro_novalidate` as above.
 
 Output: one JSON object per line on stdout (progress goes to stderr), all with the keys
 
@@ -38,8 +49,8 @@ Output: one JSON object per line on stdout (progress goes to stderr), all with t
                                only, else null)
   log_marginal, log_marginal_se  the estimate and its Monte Carlo standard error
                                sqrt(1/ESS - 1/N) (importance only, else null)
-  grad_max_abs_diff            max |framework - handcoded| over all gradient entries
-                               (grad_assess only, else null)
+  grad_max_abs_diff            max |impl - handcoded| over all gradient entries (0 for
+                               `handcoded` itself; grad_assess only, else null)
   jax, numpyro, backend, device
 
 Before timing, the script checks that every implementation computes the same thing (log
@@ -65,6 +76,8 @@ import numpyro
 import numpyro.distributions as dist
 from jax.scipy.special import logsumexp
 from jax.scipy.stats import norm
+from numpyro.infer import Predictive, log_likelihood
+from numpyro.infer.util import log_density
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 import inference  # noqa: E402
@@ -113,6 +126,32 @@ def is_handcoded_batched(key, xs, ys, n):
     noise = jnp.abs(jax.random.normal(k2, (n,)))
     logw = norm.logpdf(ys, slope[:, None] * xs, noise[:, None]).sum(-1)
     return logsumexp(logw) - math.log(n), logw, slope, noise
+
+
+# -- NumPyro -------------------------------------------------------------------------------
+def numpyro_regression(xs, ys=None):
+    slope = numpyro.sample("slope", dist.Normal(0.0, 1.0))
+    noise = numpyro.sample("noise", dist.HalfNormal(1.0))
+    return numpyro.sample("ys", dist.Normal(slope * xs, noise), obs=ys)
+
+
+def is_numpyro(key, xs, ys, n):
+    prior = Predictive(numpyro_regression, num_samples=n, return_sites=["slope", "noise"],
+                       parallel=True)(key, xs)
+    logw = log_likelihood(numpyro_regression, prior, xs, ys, parallel=True)["ys"].sum(-1)
+    return logsumexp(logw) - math.log(n), logw, prior["slope"], prior["noise"]
+
+
+def numpyro_log_joint(slope, noise, xs, ys):
+    return log_density(numpyro_regression, (xs, ys), {}, {"slope": slope, "noise": noise})[0]
+
+
+def novalidate(f):
+    """`f` traced with NumPyro's validation off (distributions read the flag when built)."""
+    def wrapped(*args):
+        with numpyro.validation_enabled(False):
+            return f(*args)
+    return wrapped
 
 
 # -- timing --------------------------------------------------------------------------------
@@ -173,6 +212,8 @@ def bench_importance(xs, ys, n, repeats, warmup):
         "framework_jit": lambda: jax.jit(lambda k: run(k).log_marginal),
         "handcoded_keys": lambda: jax.jit(lambda k: is_handcoded_keys(k, xs, ys, n)),
         "handcoded_batched": lambda: jax.jit(lambda k: is_handcoded_batched(k, xs, ys, n)),
+        "numpyro": lambda: jax.jit(lambda k: is_numpyro(k, xs, ys, n)),
+        "numpyro_novalidate": lambda: jax.jit(novalidate(lambda k: is_numpyro(k, xs, ys, n))),
     }
     fns, compile_ms, lm = {}, {}, {}
     for name, make in makers.items():
@@ -214,25 +255,29 @@ def bench_grad(xs, ys, batch, repeats, warmup, number):
         k1, k2 = jax.random.split(jax.random.key(2))
         slope, noise = jax.random.normal(k1, (batch,)), 0.1 + jnp.abs(jax.random.normal(k2, (batch,)))
     args = (slope, noise, xs, ys)
-    fns, compile_ms, outs = {}, {}, {}
-    for name, f in (("framework", fw), ("handcoded", log_joint)):
+    impls = {"framework": fw, "handcoded": log_joint, "numpyro": numpyro_log_joint,
+             "numpyro_novalidate": novalidate(numpyro_log_joint)}
+    fns, compile_ms, outs, diff = {}, {}, {}, {}
+    for name, f in impls.items():
         log(f"grad_assess batch={batch}: compiling {name}")
         fns[name], outs[name], compile_ms[name] = first_call_ms(build(f), args)
-    diff, scale = 0.0, 1.0
-    for a, b in zip(outs["framework"], outs["handcoded"]):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.shape != b.shape:
-            fail(f"grad_assess: gradient shapes differ, {a.shape} vs {b.shape}")
-        diff, scale = max(diff, float(np.max(np.abs(a - b)))), max(scale, float(np.max(np.abs(b))))
-    if not (np.isfinite(diff) and diff <= 1e-4 * scale):
-        fail(f"grad_assess batch={batch}: framework and hand-coded gradients differ by {diff:.3g} "
-             f"(largest gradient entry {scale:.3g}).")
+    for name in fns:
+        diff[name], scale = 0.0, 1.0
+        for a, b in zip(outs[name], outs["handcoded"]):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.shape != b.shape:
+                fail(f"grad_assess: gradient shapes of {name} and handcoded differ, {a.shape} vs {b.shape}")
+            diff[name] = max(diff[name], float(np.max(np.abs(a - b))))
+            scale = max(scale, float(np.max(np.abs(b))))
+        if not (np.isfinite(diff[name]) and diff[name] <= 1e-4 * scale):
+            fail(f"grad_assess batch={batch}: {name} and hand-coded gradients differ by "
+                 f"{diff[name]:.3g} (largest gradient entry {scale:.3g}).")
     log(f"grad_assess batch={batch}: timing {repeats} x {number} calls (interleaved)")
     samples = time_interleaved(fns, args, repeats, warmup, number)
     ref = float(np.median(samples["handcoded"]))
     for name in fns:
         emit("grad_assess", name, batch, samples[name], compile_ms[name], ref,
-             grad_max_abs_diff=float(f"{diff:.3g}"))
+             grad_max_abs_diff=float(f"{diff[name]:.3g}"))
 
 
 def main(argv=None):
@@ -244,6 +289,7 @@ def main(argv=None):
     # before any compile timing, so they are not charged to whichever impl runs first.
     inference.importance(jax.random.key(0), regression, (xs,), {"ys": ys}, 2)
     jax.block_until_ready(jax.jit(is_handcoded_keys, static_argnums=3)(jax.random.key(0), xs, ys, 2))
+    jax.block_until_ready(jax.jit(is_numpyro, static_argnums=3)(jax.random.key(0), xs, ys, 2))
     if a.quick:
         bench_importance(xs, ys, n=2_000, repeats=5, warmup=1)
         bench_grad(xs, ys, batch=1, repeats=5, warmup=1, number=10)

@@ -7,7 +7,8 @@ Traces and choice maps are pytrees, so everything composes with `jax.jit`,
 `jax.vmap`, `jax.lax.scan` and `jax.grad`. See DESIGN.md for the contract.
 """
 
-from ._choicemap import ChoiceMap, Selection, select
+from ._choicemap import ChoiceMap
+from ._selection import Selection, select
 from ._distribution import DistributionGF, distribution
 from ._dsl import Factor, GenFunction, Observed, Reward, Site, factor, gen, reward, sample
 from ._errors import (

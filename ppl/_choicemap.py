@@ -1,4 +1,4 @@
-"""Choice maps (address -> value pytrees) and selections (sets of addresses).
+"""Choice maps: immutable address -> value pytrees.
 
 An address is a string naming one site of a generative function, or a tuple path
 `("sub", "z")` reaching into nested generative functions. A `ChoiceMap` is immutable
@@ -10,28 +10,26 @@ Plain nested dicts are accepted wherever a choice map is (`ChoiceMap.of`).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 
-from ._errors import AddressError, ObservationError, UnknownAddressError, format_address, suggest
+from ._errors import (
+    AddressError,
+    ObservationError,
+    UnknownAddressError,
+    format_address,
+    normalize_address,
+    suggest,
+)
 
-__all__ = ["ChoiceMap", "Selection", "select", "normalize_address"]
+if TYPE_CHECKING:
+    from ._selection import Selection
+
+__all__ = ["ChoiceMap", "check_leading_axis"]
 
 _NO_VALUE = object()
-
-
-def normalize_address(address) -> tuple:
-    """`'x'` -> `('x',)`; a tuple path is checked and returned; `()` is the root."""
-    if isinstance(address, str):
-        return (address,)
-    if isinstance(address, tuple) and all(isinstance(a, str) for a in address):
-        return address
-    raise AddressError(
-        f"address {address!r} is not a string or a tuple of strings; write 'x' for a "
-        "site or ('sub', 'x') for a site inside a nested generative function."
-    )
 
 
 @jax.tree_util.register_pytree_node_class
@@ -259,158 +257,3 @@ def _short(v) -> str:
     if shape == () and not isinstance(v, jax.core.Tracer):
         return repr(v.item())  # a 0-d array prints as its number
     return repr(v)
-
-
-# ----------------------------------------------------------------------------------------
-# Selections
-# ----------------------------------------------------------------------------------------
-
-
-class Selection:
-    """A set of addresses, e.g. the sites `regenerate` resamples.
-
-    `addr in sel` is True when the whole site (or sub-tree) at `addr` is selected;
-    `sel.submap("sub")` is the selection inside a nested generative function.
-
-    >>> sel = select("slope", ("sub", "z"))
-    >>> "slope" in sel, "noise" in sel, "z" in sel.submap("sub")
-    (True, False, True)
-    >>> "noise" in ~sel
-    True
-    """
-
-    def __contains__(self, address) -> bool:
-        raise NotImplementedError
-
-    def submap(self, key: str) -> Selection:
-        raise NotImplementedError
-
-    def __invert__(self) -> Selection:
-        return _Complement(self)
-
-    def __or__(self, other: Selection) -> Selection:
-        return _Union(self, other)
-
-    @staticmethod
-    def all() -> Selection:
-        """Every address."""
-        return _ALL
-
-    @staticmethod
-    def none() -> Selection:
-        """No address."""
-        return _NONE
-
-
-class _AllSel(Selection):
-    def __contains__(self, address):
-        return True
-
-    def submap(self, key):
-        return self
-
-    def __repr__(self):
-        return "Selection.all()"
-
-
-class _NoneSel(Selection):
-    def __contains__(self, address):
-        return False
-
-    def submap(self, key):
-        return self
-
-    def __repr__(self):
-        return "Selection.none()"
-
-
-_ALL = _AllSel()
-_NONE = _NoneSel()
-
-
-class _AddressSel(Selection):
-    """A trie of selected paths; a `True` leaf selects everything below it."""
-
-    def __init__(self, trie: dict):
-        self._trie = trie
-
-    def __contains__(self, address):
-        node = self._trie
-        for part in normalize_address(address):
-            if node is True:
-                return True
-            if part not in node:
-                return False
-            node = node[part]
-        return node is True
-
-    def submap(self, key):
-        node = self._trie.get(key)
-        if node is None:
-            return _NONE
-        return _ALL if node is True else _AddressSel(node)
-
-    def __repr__(self):
-        return f"select{tuple(_paths(self._trie))!r}"
-
-
-def _paths(trie, prefix=()):
-    for key, node in trie.items():
-        if node is True:
-            yield (prefix + (key,)) if prefix else key
-        else:
-            yield from _paths(node, prefix + (key,))
-
-
-class _Complement(Selection):
-    def __init__(self, inner: Selection):
-        self._inner = inner
-
-    def __contains__(self, address):
-        return address not in self._inner and not _selects_below(self._inner, address)
-
-    def submap(self, key):
-        return _Complement(self._inner.submap(key))
-
-    def __repr__(self):
-        return f"~{self._inner!r}"
-
-
-class _Union(Selection):
-    def __init__(self, a: Selection, b: Selection):
-        self._a, self._b = a, b
-
-    def __contains__(self, address):
-        return address in self._a or address in self._b
-
-    def submap(self, key):
-        return _Union(self._a.submap(key), self._b.submap(key))
-
-    def __repr__(self):
-        return f"({self._a!r} | {self._b!r})"
-
-
-def _selects_below(sel: Selection, address) -> bool:
-    """Whether `sel` selects part of the sub-tree at `address` (so its complement is partial)."""
-    node = sel
-    for part in normalize_address(address):
-        node = node.submap(part)
-    return not isinstance(node, _NoneSel) and isinstance(node, _AddressSel)
-
-
-def select(*addresses) -> Selection:
-    """The selection of the given addresses (strings or tuple paths)."""
-    trie: dict = {}
-    for address in addresses:
-        path = normalize_address(address)
-        if not path:
-            return _ALL
-        node = trie
-        for part in path[:-1]:
-            nxt = node.setdefault(part, {})
-            if nxt is True:
-                break
-            node = nxt
-        else:
-            node[path[-1]] = True
-    return _AddressSel(trie)

@@ -56,6 +56,18 @@ class InferenceError(PPLError, RuntimeError):
     """An inference run cannot produce a meaningful answer (e.g. every weight is -inf)."""
 
 
+def normalize_address(address) -> tuple:
+    """`'x'` -> `('x',)`; a tuple path is checked and returned; `()` is the root."""
+    if isinstance(address, str):
+        return (address,)
+    if isinstance(address, tuple) and all(isinstance(a, str) for a in address):
+        return address
+    raise AddressError(
+        f"address {address!r} is not a string or a tuple of strings; write 'x' for a "
+        "site or ('sub', 'x') for a site inside a nested generative function."
+    )
+
+
 def format_address(address) -> str:
     """Render an address the way a user writes it: 'x' or ('sub', 'x')."""
     if isinstance(address, tuple) and len(address) == 1:

@@ -22,7 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._choicemap import ChoiceMap, Selection, select
+from ._choicemap import ChoiceMap
+from ._selection import Selection, select
 from ._errors import ArgumentError
 from ._trace import Trace
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._choicemap import Selection
+from ._selection import Selection
 from ._errors import ArgumentError
 from ._gfi import GenerativeFunction
 from ._trace import Trace

@@ -12,7 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._choicemap import ChoiceMap, Selection, select
+from ._choicemap import ChoiceMap
+from ._selection import Selection, select
 from ._errors import AddressError, ArgumentError, UnknownAddressError, format_address
 from ._gfi import GenerativeFunction
 from ._trace import Trace
