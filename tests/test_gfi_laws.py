@@ -1,17 +1,19 @@
-"""The GFI laws on randomly generated small models (hypothesis, derandomized).
+"""The GFI laws on randomly generated small models (hypothesis, derandomized), checked
+against an independent reference implementation (`reference_gfi.py`).
 
 Models are built from a few distribution families (real, positive, unit-interval, count
 and binary valued, scalar or batched), each site's parameter driven by an earlier site,
 plus a factor, wrapped in one nesting pattern: flat, a nested call, `ppl.vmap`,
 `ppl.scan` or `ppl.switch`. The laws are identities, checked to float32 rounding:
 
-  assess(simulate().choices) == score
+  score == assess(simulate().choices) == the reference log joint
   simulate / generate / update / regenerate traces share one pytree structure
-  generate(all choices) weight == score, and the choices come back unchanged
-  update(trace, all choices of another trace) weight == new score - old score
-  update(trace, some choices) weight == new score - old score (no fresh draws)
-  regenerate(trace, sel): unselected choices untouched, weight == change of the score
-      without the selected choices' densities, project(all) == score
+  generate(some choices) weight == the reference density of those choices + factors,
+      and the constrained choices come back unchanged (all choices: weight == score)
+  update(trace, all choices of another trace) weight == reference new - old log joint
+  update(trace, some choices) weight == reference new - old log joint (no fresh draws)
+  regenerate(trace, sel): unselected choices untouched, weight == the change of every
+      unselected reference term (factors included)
 """
 
 import os
@@ -24,6 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ppl
+
+import reference_gfi as ref
 
 FAMILIES = ("normal", "gamma", "beta", "poisson", "bernoulli")
 NESTINGS = ("flat", "call", "vmap", "scan", "switch")
@@ -46,14 +50,14 @@ def _distribution(family, s, shape):
     return d.expand(shape) if shape else d
 
 
-def _sites_fn(sites, prefix=""):
+def _sites_fn(sites, lang):
     """Body that samples `sites` [(family, parent, shape)], parent = index of an earlier site."""
 
     def body(s0):
         values = []
         for i, (family, parent, shape) in enumerate(sites):
             s = s0 if parent is None or parent >= i else jnp.mean(jnp.asarray(values[parent], float))
-            values.append(ppl.sample(f"{prefix}s{i}", _distribution(family, s, shape)))
+            values.append(lang.sample(f"s{i}", _distribution(family, s, shape)))
         return jnp.mean(jnp.asarray(values[-1], float))
 
     return body
@@ -66,45 +70,71 @@ site = st.tuples(
 )
 
 
-@st.composite
-def models(draw):
-    outer = draw(st.lists(site, min_size=1, max_size=3))
-    inner = draw(st.lists(site, min_size=1, max_size=3))
-    nesting = draw(st.sampled_from(NESTINGS))
-    with_factor = draw(st.booleans())
-    outer_body, inner_body = _sites_fn(outer), _sites_fn(inner)
+def build(spec, lang):
+    """The model of `spec` written in `lang` (the `ppl` module or the reference)."""
+    outer, inner, nesting, with_factor = spec
+    outer_body, inner_body = _sites_fn(outer, lang), _sites_fn(inner, lang)
 
-    @ppl.gen
+    @lang.gen
     def inner_gf(s):
         return inner_body(s)
 
-    @ppl.gen
+    @lang.gen
     def kernel(carry, x):
         v = inner_body(carry + x)
         return v, v
 
-    @ppl.gen
+    @lang.gen
     def other_branch(s):
-        return ppl.sample("t", dist.Normal(s, 2.0))
+        return lang.sample("t", dist.Normal(s, 2.0))
 
-    @ppl.gen
+    @lang.gen
     def model(scale):
         s = outer_body(scale)
         if nesting == "call":
-            s = ppl.sample("sub", inner_gf, s)
+            s = lang.sample("sub", inner_gf, s)
         elif nesting == "vmap":
-            s = jnp.mean(ppl.sample("many", ppl.vmap(inner_gf), s * jnp.arange(3.0)))
+            s = jnp.mean(lang.sample("many", lang.vmap(inner_gf), s * jnp.arange(3.0)))
         elif nesting == "scan":
-            s, _ = ppl.sample("steps", ppl.scan(kernel), s, jnp.arange(3.0))
+            s, _ = lang.sample("steps", lang.scan(kernel), s, jnp.arange(3.0))
         elif nesting == "switch":
-            k = ppl.sample("k", dist.Bernoulli(0.5))
-            s = ppl.sample("branch", ppl.switch(inner_gf, other_branch), k, s)
+            k = lang.sample("k", dist.Bernoulli(0.5))
+            s = lang.sample("branch", lang.switch(inner_gf, other_branch), k, s)
         if with_factor:
-            ppl.factor("f", -0.1 * s**2)
+            lang.factor("f", -0.1 * s**2)
         return s
 
-    model.spec = (outer, inner, nesting, with_factor)  # shown by hypothesis on failure
     return model
+
+
+@st.composite
+def models(draw):
+    spec = (
+        draw(st.lists(site, min_size=1, max_size=3)),
+        draw(st.lists(site, min_size=1, max_size=3)),
+        draw(st.sampled_from(NESTINGS)),
+        draw(st.booleans()),
+    )
+    model = build(spec, ppl)
+    model.reference = build(spec, ref)
+    model.spec = spec  # shown by hypothesis on failure
+    return model
+
+
+def reference(model, trace_or_choices, args=None):
+    """(log joint, per-address terms) of the reference implementation."""
+    choices = getattr(trace_or_choices, "choices", trace_or_choices)
+    args = trace_or_choices.args if args is None else args
+    total, terms, _ = model.reference.assess(choices, args)
+    return total, terms
+
+
+def with_branch(chosen):
+    """A switch's index and its branch are constrained or selected together."""
+    chosen = list(chosen)
+    if ("k" in chosen) != ("branch" in chosen):
+        chosen = [c for c in chosen if c not in ("k", "branch")] + ["k", "branch"]
+    return chosen
 
 
 ARGS = (0.3,)
@@ -129,23 +159,30 @@ def same_choices(a, b):
 
 @LAWS
 @given(models(), st.integers(0, 2**16))
-def test_assess_of_simulated_choices_is_the_score(model, seed):
+def test_score_and_assess_match_the_reference(model, seed):
     tr = model.simulate(jax.random.key(seed), ARGS)
+    truth, _ = reference(model, tr)
+    close(tr.score, truth)
     lp, retval = model.assess(tr.choices, ARGS)
-    close(lp, tr.score)
+    close(lp, truth)
     close(retval, tr.retval)
     close(model.project(tr, ppl.Selection.all()), tr.score)
 
 
 @LAWS
-@given(models(), st.integers(0, 2**16))
-def test_fully_constrained_generate_weight_is_the_score(model, seed):
+@given(models(), st.integers(0, 2**16), st.data())
+def test_generate_weight_is_the_constrained_density(model, seed, data):
     tr = model.simulate(jax.random.key(seed), ARGS)
-    gtr, w = model.generate(jax.random.key(seed + 1), tr.choices, ARGS)
-    close(w, tr.score)
-    close(gtr.score, tr.score)
-    same_choices(gtr.choices, tr.choices)
+    chosen = with_branch(data.draw(st.lists(st.sampled_from(list(tr.choices)), unique=True)))
+    constraints = ppl.ChoiceMap({a: tr.choices[a] for a in chosen})
+    gtr, w = model.generate(jax.random.key(seed + 1), constraints, ARGS)
+    _, terms = reference(model, gtr)  # densities at the generated trace's values
+    close(w, sum(terms[a] for a in chosen) + terms.get("f", 0.0))
+    for a in chosen:
+        same_choices(gtr.choices.get_submap(a), tr.choices.get_submap(a))
     same_structure(gtr, tr)
+    if len(chosen) == len(tr.choices):  # fully constrained: the weight is the score
+        close(w, tr.score)
 
 
 @LAWS
@@ -155,9 +192,9 @@ def test_update_to_another_trace_weight_is_the_score_ratio(model, seed):
     old, new = model.simulate(k1, ARGS), model.simulate(k2, ARGS)
     utr, w, _ = model.update(k3, old, new.choices, (0.7,))
     same_structure(utr, old)
-    new_score, _ = model.assess(new.choices, (0.7,))
-    close(utr.score, new_score)
-    close(w, new_score - old.score)
+    new_truth, _ = reference(model, new.choices, (0.7,))
+    close(utr.score, new_truth)
+    close(w, new_truth - reference(model, old)[0])
 
 
 @LAWS
@@ -169,8 +206,8 @@ def test_partial_update_weight_is_the_score_ratio(model, seed, data):
     chosen = data.draw(st.lists(st.sampled_from(top), unique=True, max_size=len(top)))
     constraints = ppl.ChoiceMap({a: other.choices[a] for a in chosen})
     utr, w, discard = model.update(k3, old, constraints, ARGS)
-    close(w, utr.score - old.score)
-    close(model.assess(utr.choices, ARGS)[0], utr.score)
+    close(w, reference(model, utr)[0] - reference(model, old)[0])
+    close(utr.score, reference(model, utr)[0])
     for a in old.choices:
         if a not in chosen:
             same_choices(utr.choices.get_submap(a), old.choices.get_submap(a))
@@ -183,22 +220,18 @@ def test_regenerate_keeps_unselected_choices_and_weighs_them(model, seed, data):
     k1, k2 = jax.random.split(jax.random.key(seed))
     old = model.simulate(k1, ARGS)
     top = list(old.choices)
-    chosen = data.draw(st.lists(st.sampled_from(top), unique=True, max_size=len(top)))
-    if "k" in chosen and "branch" not in chosen:
-        chosen.append("branch")  # a branch flip redraws the branch's choices
-    sel = ppl.select(*chosen)
-    new, w = model.regenerate(k2, old, sel)
+    chosen = with_branch(data.draw(st.lists(st.sampled_from(top), unique=True, max_size=len(top))))
+    new, w = model.regenerate(k2, old, ppl.select(*chosen))
     same_structure(new, old)
     for a in top:
         if a not in chosen:
             same_choices(new.choices.get_submap(a), old.choices.get_submap(a))
+    # MH ratio of a prior move: the change in every unselected term, factors included
+    (_, new_terms), (_, old_terms) = reference(model, new), reference(model, old)
+    close(w, sum(new_terms[a] - old_terms[a] for a in new_terms if a not in chosen))
+    close(new.score, sum(new_terms.values()))
     none = ppl.Selection.none()
-
-    def unselected(tr):  # score minus the selected choices' densities; factors stay in
-        return tr.score - (model.project(tr, sel) - model.project(tr, none))
-
-    close(w, unselected(new) - unselected(old))
-    close(model.assess(new.choices, ARGS)[0], new.score)
+    close(model.project(new, none), new_terms.get("f", 0.0))
 
 
 @LAWS
