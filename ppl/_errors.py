@@ -48,8 +48,11 @@ class ObservationError(PPLError, ValueError):
     """An observed or constrained value does not fit its site (shape, support, finiteness)."""
 
 
-class ArgumentError(PPLError, TypeError):
-    """A generative function was called with malformed or missing arguments."""
+class ArgumentError(PPLError, TypeError, ValueError):
+    """A generative function was called with malformed or missing arguments.
+
+    Both a `TypeError` (as Python raises for a bad call) and a `ValueError`.
+    """
 
 
 class InferenceError(PPLError, RuntimeError):

@@ -55,6 +55,19 @@ class Trace:
     def __getitem__(self, address):
         return self.choices[address]
 
+    # GenJAX spellings, for users moving over (same values, same signs).
+    def get_choices(self) -> ChoiceMap:
+        return self.choices
+
+    def get_score(self):
+        return self.score
+
+    def get_retval(self):
+        return self.retval
+
+    def get_args(self) -> tuple:
+        return self.args
+
     def __repr__(self) -> str:
         name = getattr(self.gen_fn, "__name__", type(self.gen_fn).__name__)
         return f"Trace({name}, score={self.score!r}, choices={self.choices!r})"
