@@ -62,12 +62,9 @@ compare ratios within one run, and look at run_ms_iqr before trusting a ratio ne
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import time
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -75,11 +72,21 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from jax.scipy.special import logsumexp
-from jax.scipy.stats import norm
 from numpyro.infer import Predictive, log_likelihood
 from numpyro.infer.util import log_density
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+import _common  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import (  # noqa: E402
+    first_call_ms,
+    is_handcoded_batched,
+    is_handcoded_keys,
+    log,
+    log_joint,
+    make_data,
+    time_interleaved,
+)
+
 import inference  # noqa: E402
 import ppl  # noqa: E402
 
@@ -89,43 +96,6 @@ def regression(xs):
     slope = ppl.sample("slope", dist.Normal(0.0, 1.0))
     noise = ppl.sample("noise", dist.HalfNormal(1.0))
     return ppl.sample("ys", dist.Normal(slope * xs, noise))
-
-
-def make_data(num_points=100):
-    xs = jnp.linspace(-2.0, 2.0, num_points)
-    ys = 0.7 * xs + 0.5 * jax.random.normal(jax.random.key(1), (num_points,))
-    return xs, ys
-
-
-# -- hand-coded plain JAX ------------------------------------------------------------------
-def halfnormal_logpdf(x):
-    return jnp.where(x >= 0, math.log(2.0) + norm.logpdf(x), -jnp.inf)
-
-
-def log_joint(slope, noise, xs, ys):
-    return norm.logpdf(slope) + halfnormal_logpdf(noise) + norm.logpdf(ys, slope * xs, noise).sum()
-
-
-def site_key(key, address):  # the framework's per-site key: fold_in(key, crc32(address))
-    return jax.random.fold_in(key, zlib.crc32(address.encode()) & 0x7FFFFFFF)
-
-
-def is_handcoded_keys(key, xs, ys, n):
-    def particle(k):
-        slope = jax.random.normal(site_key(k, "slope"))
-        noise = jnp.abs(jax.random.normal(site_key(k, "noise")))
-        return slope, noise, norm.logpdf(ys, slope * xs, noise).sum()
-
-    slope, noise, logw = jax.vmap(particle)(jax.random.split(key, n))
-    return logsumexp(logw) - math.log(n), logw, slope, noise
-
-
-def is_handcoded_batched(key, xs, ys, n):
-    k1, k2 = jax.random.split(key)
-    slope = jax.random.normal(k1, (n,))
-    noise = jnp.abs(jax.random.normal(k2, (n,)))
-    logw = norm.logpdf(ys, slope[:, None] * xs, noise[:, None]).sum(-1)
-    return logsumexp(logw) - math.log(n), logw, slope, noise
 
 
 # -- NumPyro -------------------------------------------------------------------------------
@@ -154,53 +124,12 @@ def novalidate(f):
     return wrapped
 
 
-# -- timing --------------------------------------------------------------------------------
-def first_call_ms(make, args):
-    """Wall time of the first call of a fresh jit (trace + compile + one run), and its output."""
-    jax.clear_caches()
-    fn = make()
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    return fn, out, (time.perf_counter() - t0) * 1e3
-
-
-def time_interleaved(fns, args, repeats, warmup, number=1):
-    """Per-call ms samples for each fn, round-robin; `number` calls per sample (tiny calls)."""
-    for fn in [fn for _ in range(warmup) for fn in fns.values()]:
-        jax.block_until_ready(fn(*args))
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(number):
-                out = fn(*args)
-            jax.block_until_ready(out)
-            samples[name].append((time.perf_counter() - t0) * 1e3 / number)
-    return samples
-
-
-def emit(benchmark, impl, batch, samples, compile_ms, ref_ms, lower_ms=None, **extra):
-    q1, med, q3 = np.percentile(samples, [25, 50, 75])
-    row = dict(
-        benchmark=benchmark, impl=impl, batch=batch,
-        run_ms_median=round(float(med), 4), run_ms_iqr=round(float(q3 - q1), 4),
-        repeats=len(samples), compile_ms=round(compile_ms, 1),
-        ratio_vs_handcoded=round(float(med) / ref_ms, 3),
-        ratio_vs_lower_bound=None if lower_ms is None else round(float(med) / lower_ms, 3),
-        log_marginal=None, log_marginal_se=None, grad_max_abs_diff=None,
-        jax=jax.__version__, numpyro=numpyro.__version__, backend=jax.default_backend(),
-        device=jax.devices()[0].device_kind,
-    )
-    row.update(extra)
-    print(json.dumps(row), flush=True)
+def emit(*args, **kwargs):
+    _common.emit(*args, numpyro=numpyro.__version__, **kwargs)
 
 
 def fail(msg):
     sys.exit(f"benchmarks/core.py: FAILED CHECK: {msg}")  # message to stderr, status 1
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 # -- benchmarks ----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -188,19 +187,13 @@ def _importance(key, dynamic, constraints, *, static, model, num_particles, prop
     log_marginal = logsumexp(log_weights) - math.log(num_particles)
     ess = jnp.exp(log_ess(log_weights))
     result = ImportanceResult(traces, is_batched[:-1], log_weights, log_marginal, ess)
-    # A few flags, so that the driver can raise without copying data to the host.
-    status = _Status(
-        constraint_is_finite=tuple(_all_finite(v) for _, v in constraints.flat_items()),
-        any_nan=jnp.any(jnp.isnan(log_weights)),
-        all_neginf=jnp.all(jnp.isneginf(log_weights)),
+    # One small flag vector, so the driver can raise without copying data to the host:
+    # [any weight NaN, every weight -inf, constraint 0 finite, constraint 1 finite, ...].
+    status = jnp.stack(
+        [jnp.any(jnp.isnan(log_weights)), jnp.all(jnp.isneginf(log_weights))]
+        + [_all_finite(v) for _, v in constraints.flat_items()]
     )
     return result, status
-
-
-class _Status(NamedTuple):
-    constraint_is_finite: tuple
-    any_nan: jax.Array
-    all_neginf: jax.Array
 
 
 def _all_finite(value) -> jax.Array:
@@ -208,18 +201,18 @@ def _all_finite(value) -> jax.Array:
     return jnp.all(jnp.isfinite(value)) if jnp.issubdtype(value.dtype, jnp.inexact) else jnp.asarray(True)
 
 
-def _raise_if_degenerate(result, status: _Status, constraints: ChoiceMap, model) -> None:
+def _raise_if_degenerate(result, status, constraints: ChoiceMap, model) -> None:
     """Name the bad observation or site instead of returning NaN (one small host copy)."""
-    if not is_concrete(status.any_nan):
+    if not is_concrete(status):
         return  # inside a user's jit: the caller sees the weights
-    status = jax.device_get(status)
-    for address, ok in zip(constraints.addresses(), status.constraint_is_finite):
+    any_nan, all_neginf, *constraint_is_finite = np.asarray(status).tolist()
+    for address, ok in zip(constraints.addresses(), constraint_is_finite):
         if not ok:
             raise ObservationError(
                 f"importance: constraint {format_address(address)} has non-finite values. "
                 "Remove or impute them, or mask the missing entries in the model."
             )
-    if status.any_nan or status.all_neginf:
+    if any_nan or all_neginf:
         _check_weights(result, model)
 
 

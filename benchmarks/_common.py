@@ -1,0 +1,114 @@
+"""Shared pieces of the benchmark scripts: data, hand-coded baselines, timing, output rows.
+
+Imports only jax and numpy, so that scripts running under another jax (the GenJAX peer,
+in its own venv) share the exact data, baselines and methodology of `core.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import logsumexp
+from jax.scipy.stats import norm
+
+
+def make_data(num_points=100):
+    xs = jnp.linspace(-2.0, 2.0, num_points)
+    ys = 0.7 * xs + 0.5 * jax.random.normal(jax.random.key(1), (num_points,))
+    return xs, ys
+
+
+# -- hand-coded plain JAX ------------------------------------------------------------------
+def halfnormal_logpdf(x):
+    return jnp.where(x >= 0, math.log(2.0) + norm.logpdf(x), -jnp.inf)
+
+
+def log_joint(slope, noise, xs, ys):
+    return norm.logpdf(slope) + halfnormal_logpdf(noise) + norm.logpdf(ys, slope * xs, noise).sum()
+
+
+def site_key(key, address):  # the framework's per-site key: fold_in(key, crc32(address))
+    return jax.random.fold_in(key, zlib.crc32(address.encode()) & 0x7FFFFFFF)
+
+
+def is_handcoded_keys(key, xs, ys, n):
+    def particle(k):
+        slope = jax.random.normal(site_key(k, "slope"))
+        noise = jnp.abs(jax.random.normal(site_key(k, "noise")))
+        return slope, noise, norm.logpdf(ys, slope * xs, noise).sum()
+
+    slope, noise, logw = jax.vmap(particle)(jax.random.split(key, n))
+    return logsumexp(logw) - math.log(n), logw, slope, noise
+
+
+def is_handcoded_batched(key, xs, ys, n):
+    k1, k2 = jax.random.split(key)
+    slope = jax.random.normal(k1, (n,))
+    noise = jnp.abs(jax.random.normal(k2, (n,)))
+    logw = norm.logpdf(ys, slope[:, None] * xs, noise[:, None]).sum(-1)
+    return logsumexp(logw) - math.log(n), logw, slope, noise
+
+
+def mc_se(log_weights):
+    """Monte Carlo s.e. of a log marginal estimate: sqrt(1/ESS - 1/N)."""
+    logw = np.asarray(log_weights, dtype=np.float64)
+    w = np.exp(logw - logw.max())
+    ess = w.sum() ** 2 / (w**2).sum()
+    return math.sqrt(max(1.0 / ess - 1.0 / len(logw), 0.0))
+
+
+# -- timing --------------------------------------------------------------------------------
+def first_call_ms(make, args):
+    """Wall time of the first call of a fresh jit (trace + compile + one run), and its output."""
+    jax.clear_caches()
+    fn = make()
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return fn, out, (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(fns, args, repeats, warmup, number=1):
+    """Per-call ms samples for each fn, round-robin; `number` calls per sample (tiny calls)."""
+    for fn in [fn for _ in range(warmup) for fn in fns.values()]:
+        jax.block_until_ready(fn(*args))
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(number):
+                out = fn(*args)
+            jax.block_until_ready(out)
+            samples[name].append((time.perf_counter() - t0) * 1e3 / number)
+    return samples
+
+
+def row(benchmark, impl, batch, samples, compile_ms, ref_ms, lower_ms=None, **extra):
+    """One result as a dict in the shared schema (see core.py's docstring)."""
+    q1, med, q3 = np.percentile(samples, [25, 50, 75])
+    out = dict(
+        benchmark=benchmark, impl=impl, batch=batch,
+        run_ms_median=round(float(med), 4), run_ms_iqr=round(float(q3 - q1), 4),
+        repeats=len(samples), compile_ms=round(compile_ms, 1),
+        ratio_vs_handcoded=round(float(med) / ref_ms, 3),
+        ratio_vs_lower_bound=None if lower_ms is None else round(float(med) / lower_ms, 3),
+        log_marginal=None, log_marginal_se=None, grad_max_abs_diff=None,
+        jax=jax.__version__, numpyro=None, backend=jax.default_backend(),
+        device=jax.devices()[0].device_kind,
+    )
+    out.update(extra)
+    return out
+
+
+def emit(*args, **kwargs):
+    print(json.dumps(row(*args, **kwargs)), flush=True)
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
