@@ -263,6 +263,14 @@ class Handler:
     def finish(self, method_name: str) -> None:
         choice_addresses = [a for a, r in self.records.items() if not isinstance(r, _FACTORS)]
         given = self.constraints if self.method in ("generate", "update", "assess") else ChoiceMap()
+        if given.has_value:
+            here = format_address(self.path) if self.path else "the top level"
+            raise AddressError(
+                f"{self.gen_fn.__name__}.{method_name}: got a single value at {here}, but "
+                f"`{self.gen_fn.__name__}` is a model whose choices are addresses "
+                f"({', '.join(repr(a) for a in choice_addresses) or 'none'}); give a map such "
+                f"as {{{format_address(self.path + (choice_addresses[0],) if choice_addresses else self.path)}: value}}."
+            )
         for address in given:
             rec = self.records.get(address)
             if rec is None:

@@ -115,3 +115,12 @@ def test_all_weights_minus_infinity_names_the_site(key):
     # traced inside importance's jit, so the support test happens at run time
     with pytest.raises(ppl.InferenceError, match=r"all 16 log weights are -inf.*'wait'"):
         inference.importance(key, positive, (), {"wait": -1.0}, 16)
+
+
+def test_a_value_where_a_nested_model_is_expected(key):
+    @ppl.gen
+    def outer():
+        return ppl.sample("fit", regression, XS)
+
+    with pytest.raises(ppl.AddressError, match=r"single value at 'fit'.*\('fit', 'slope'\): value"):
+        outer.generate(key, {"fit": 1.0}, ())
