@@ -95,18 +95,24 @@ def factor(address: str, log_weight) -> None:
     handler.add_factor(address, Factor(jnp.sum(jnp.asarray(log_weight, dtype=float))))
 
 
-_LINKS = {
-    "log": jnp.log,
-    "logit": lambda r: jnp.log(r) - jnp.log1p(-r),
-}
+def _logit(r):
+    # A reward of exactly 1 (or 0) would give a +inf (-inf) weight and NaN normalized
+    # weights; clip to the float's resolution, i.e. log-odds of about +-16 in float32.
+    eps = jnp.finfo(jnp.result_type(r, float)).eps
+    r = jnp.clip(r, eps, 1.0 - eps)
+    return jnp.log(r) - jnp.log1p(-r)
+
+
+_LINKS = {"log": jnp.log, "logit": _logit}
 
 
 def reward(address: str, reward_fn, *inputs, beta=1.0, link: str = "log") -> jax.Array:
     """A reward model as a likelihood: the factor `beta * link(reward_fn(*inputs))`.
 
     `reward_fn` returns a reward in (0, 1] (e.g. a process reward model's probability that
-    a partial solution is correct). `link="log"` reads it as a likelihood, `link="logit"`
-    gives the log-odds weighting. Returns the reward.
+    a partial solution is correct). `link="log"` reads it as a likelihood (a reward of 0
+    makes the trace impossible), `link="logit"` gives the log-odds weighting, with the
+    reward clipped to [eps, 1 - eps] of its float type. Returns the reward.
     """
     if link not in _LINKS:
         raise ValueError(f"ppl.reward({address!r}, ...): link must be one of {sorted(_LINKS)}, got {link!r}")

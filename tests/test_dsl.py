@@ -135,6 +135,11 @@ def test_factor_and_reward(key):
     _, w = soft.generate(key, {"x": x}, ())
     assert_close(w, tr.score)
     assert_close(tr.retval, jax.nn.sigmoid(x))
+    # boundary rewards: log link makes r = 0 impossible; logit link stays finite at r = 1
+    edge = ppl.gen(lambda r: ppl.reward("r", lambda v: v, r, link="logit"))
+    assert jnp.isfinite(edge.simulate(key, (1.0,)).score) and jnp.isfinite(edge.simulate(key, (0.0,)).score)
+    zero = ppl.gen(lambda r: ppl.reward("r", lambda v: v, r))
+    assert zero.simulate(key, (0.0,)).score == -jnp.inf
     with pytest.raises(ValueError, match="link"):
         ppl.gen(lambda: ppl.reward("r", jax.nn.sigmoid, 0.0, link="probit")).simulate(key, ())
 
