@@ -143,3 +143,30 @@ def test_same_key_same_result_and_jit_composes():
     np.testing.assert_array_equal(a.log_weights, b.log_weights)
     f = jax.jit(lambda k, y: inference.importance(k, normal_normal, (5,), {"y": y}, 128).log_marginal)
     np.testing.assert_allclose(f(jax.random.key(9), Y), a.log_marginal, rtol=1e-6)
+
+
+def test_switch_mixture_against_the_enumerated_posterior():
+    # k ~ Categorical(0.3, 0.7); x | k ~ N(-2, 1) or N(2, 1.5) via ppl.switch; x = 0.5.
+    @ppl.gen
+    def left():
+        return ppl.sample("x", dist.Normal(-2.0, 1.0))
+
+    @ppl.gen
+    def right():
+        return ppl.sample("x", dist.Normal(2.0, 1.5))
+
+    @ppl.gen
+    def mixture():
+        k = ppl.sample("k", dist.Categorical(jnp.array([0.3, 0.7])))
+        return ppl.sample("component", ppl.switch(left, right), k)
+
+    joint = jnp.log(jnp.array([0.3, 0.7])) + jnp.array(
+        [dist.Normal(-2.0, 1.0).log_prob(0.5), dist.Normal(2.0, 1.5).log_prob(0.5)]
+    )
+    exact_log_z = jax.scipy.special.logsumexp(joint)
+    exact_p1 = jnp.exp(joint[1] - exact_log_z)
+    res = inference.importance(jax.random.key(11), mixture, (), {("component", "x"): 0.5}, N)
+    assert_log_evidence(res, exact_log_z)
+    p1 = jnp.sum(res.normalized_weights() * (res.traces["k"] == 1))
+    # self-normalized estimate of a probability: s.e. ~ sqrt(p (1 - p) / ESS)
+    assert abs(p1 - exact_p1) < 5 * jnp.sqrt(exact_p1 * (1 - exact_p1) / res.ess)
