@@ -134,8 +134,8 @@ def importance(
 
     Returns an `ImportanceResult` (log_weights [N], log_marginal [], ess [], traces,
     resample). With several devices and N divisible by their number, the particles are
-    sharded across `jax.devices()`. Raises `InferenceError` naming the site if every weight is -inf, or if a
-    weight is NaN.
+    sharded across `jax.devices()`. Raises `InferenceError` naming the site if every
+    weight is -inf, or if a weight is NaN.
 
     >>> import numpyro.distributions as dist, ppl
     >>> @ppl.gen
@@ -178,6 +178,13 @@ def _importance(key, dynamic, constraints, *, static, model, num_particles, prop
             return model.generate(k, constraints, args)
         k_q, k_p = jax.random.split(k)
         q = proposal.simulate(k_q, proposal_args)
+        both = set(q.choices.addresses()) & set(constraints.addresses())
+        if both:
+            raise ArgumentError(
+                f"importance: the proposal {proposal.__name__} proposes "
+                f"{', '.join(map(format_address, sorted(both)))}, which the constraints observe; "
+                "a proposal covers latent choices only."
+            )
         tr, w = model.generate(k_p, constraints.merge(q.choices), args)
         return tr, w - q.score
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
+import pytest
 from jax.scipy.special import betaln, gammaln
 from jax.scipy.stats import multivariate_normal
 
@@ -65,6 +66,9 @@ def test_exact_posterior_proposal_gives_constant_weights():
         ppl.sample("mu", dist.Normal(post_mean, jnp.sqrt(post_var)))
 
     res = inference.importance(jax.random.key(2), normal_normal, (5,), {"y": Y}, 256, proposal=posterior)
+    with pytest.raises(ppl.ArgumentError, match="proposes 'y'"):
+        bad = ppl.gen(lambda: ppl.sample("y", dist.Normal(0.0, 1.0).expand((5,))))
+        inference.importance(jax.random.key(2), normal_normal, (5,), {"y": Y}, 8, proposal=bad)
     # p(y, mu) / p(mu | y) = p(y) for every particle: exact up to float32 rounding
     np.testing.assert_allclose(res.log_weights, log_z, atol=2e-4)
     np.testing.assert_allclose(res.ess, 256, rtol=1e-3)
