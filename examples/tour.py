@@ -15,7 +15,6 @@ Every section is a function `section(key, data, cfg)`; add new ones to SECTIONS.
 """
 
 import argparse
-import math
 
 import jax
 import jax.numpy as jnp

@@ -132,12 +132,12 @@ def prepare_value(address, d: Distribution, value, what: str) -> jax.Array:
                 f"(value {host[bad]}). Remove or impute the "
                 "missing entries, or mask them: dist.Normal(...).mask(is_observed)."
             )
-        if jnp.issubdtype(struct.dtype, jnp.integer) and np.issubdtype(host.dtype, np.inexact):
-            if not np.all(host == np.round(host)):
-                raise ObservationError(
-                    f"{what} for site {format_address(address)} has non-integer values, but "
-                    f"{type(d).__name__} is a discrete distribution over integers."
-                )
+        is_fractional = np.issubdtype(host.dtype, np.inexact) and not np.all(host == np.round(host))
+        if jnp.issubdtype(struct.dtype, jnp.integer) and is_fractional:
+            raise ObservationError(
+                f"{what} for site {format_address(address)} has non-integer values, but "
+                f"{type(d).__name__} is a discrete distribution over integers."
+            )
         params_known = all(is_concrete(leaf) for leaf in jax.tree.leaves(d))
         if params_known and not _concretely_in_support(d, value):
             raise ObservationError(
@@ -240,13 +240,12 @@ def _leaf(choices: ChoiceMap, gf, method):
 
 
 def distribution(family) -> DistributionGF:
-    """Wrap a numpyro distribution class (args = its parameters) or instance (args = ())."""
-    if isinstance(family, Distribution) or (
-        isinstance(family, type) and issubclass(family, Distribution)
-    ):
+    """Wrap a numpyro distribution class (args = its parameters) or instance (args = ()).
+
+    Any callable returning a distribution works as a family (a class, or a factory).
+    """
+    if isinstance(family, Distribution) or callable(family):
         return DistributionGF(family)
-    if callable(family):  # numpyro factory functions, e.g. dist.Normal is a class but
-        return DistributionGF(family)  # some families are functions returning instances
     raise TypeError(f"ppl.distribution expects a numpyro distribution or class, got {family!r}")
 
 

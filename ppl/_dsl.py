@@ -19,7 +19,6 @@ from ._distribution import is_distribution, is_distribution_class
 from ._errors import ArgumentError
 from ._gfi import GenerativeFunction
 from ._handler import (
-    _FACTORS,
     Factor,
     Handler,
     Observed,
@@ -31,7 +30,6 @@ from ._handler import (
     run_handler,
     sum_terms,
 )
-from ._selection import Selection
 from ._trace import Trace
 
 __all__ = ["gen", "sample", "factor", "reward", "GenFunction"]

@@ -309,8 +309,6 @@ def sum_terms(xs) -> jax.Array:
     return total
 
 
-
-
 def run_handler(handler: Handler, fn, args: tuple, method: str):
     """Run `fn(*args)` with `handler` giving the primitives their meaning."""
     stack = _stack()
