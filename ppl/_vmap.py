@@ -54,9 +54,11 @@ class VmapGF(GenerativeFunction):
 
     def _size(self, args: tuple) -> int:
         sizes = set()
+        is_none = lambda x: x is None  # noqa: E731 - None is an axis here, not an empty subtree
         for arg, axis in zip(args, self._axes(args)):
-            axis_tree = jax.tree.map(lambda _: axis, arg) if not isinstance(axis, (dict, tuple)) else axis
-            for leaf, ax in zip(jax.tree.leaves(arg), jax.tree.leaves(axis_tree, is_leaf=lambda x: x is None)):
+            # An axis may be a prefix of its argument's tree, as in jax.vmap.
+            axes = jax.tree.leaves(jax.tree.broadcast(axis, arg, is_leaf=is_none), is_leaf=is_none)
+            for leaf, ax in zip(jax.tree.leaves(arg), axes):
                 if ax is not None:
                     sizes.add(jnp.shape(leaf)[ax])
         if not sizes:

@@ -206,3 +206,15 @@ def test_scan_carries_a_prng_key_and_python_scalars(key):
     (final_key, total), xs = tr.retval
     assert jax.dtypes.issubdtype(final_key.dtype, jax.dtypes.prng_key)
     assert_close(total, xs.sum())
+
+
+def test_vmap_in_axes_may_be_a_prefix_of_an_argument(key):
+    @ppl.gen
+    def shifted(data):
+        return ppl.sample("y", dist.Normal(data["x"] + data["offset"]["a"] * data["offset"]["b"], 1.0))
+
+    # 'offset' (unmapped) holds two leaves, so a leaf-by-leaf pairing of axes would misalign
+    data = {"x": jnp.arange(4.0), "offset": {"a": jnp.array(2.0), "b": jnp.array(0.5)}}
+    tr = ppl.vmap(shifted, in_axes=({"x": 0, "offset": None},)).simulate(key, (data,))
+    assert tr["y"].shape == (4,)
+    assert_close(tr.score, dist.Normal(jnp.arange(4.0) + 1.0, 1.0).log_prob(tr["y"]).sum())
