@@ -30,6 +30,10 @@ class Selection:
     def submap(self, key: str) -> Selection:
         raise NotImplementedError
 
+    def _any_below(self, address) -> bool:
+        """Whether some address at or below `address` is selected."""
+        raise NotImplementedError
+
     def __invert__(self) -> Selection:
         return _Complement(self)
 
@@ -51,6 +55,9 @@ class _AllSel(Selection):
     def __contains__(self, address):
         return True
 
+    def _any_below(self, address):
+        return True
+
     def submap(self, key):
         return self
 
@@ -60,6 +67,9 @@ class _AllSel(Selection):
 
 class _NoneSel(Selection):
     def __contains__(self, address):
+        return False
+
+    def _any_below(self, address):
         return False
 
     def submap(self, key):
@@ -89,6 +99,16 @@ class _AddressSel(Selection):
             node = node[part]
         return node is True
 
+    def _any_below(self, address):
+        node = self._trie
+        for part in normalize_address(address):
+            if node is True:
+                return True
+            if part not in node:
+                return False
+            node = node[part]
+        return True  # a selected leaf, or a non-empty sub-trie
+
     def submap(self, key):
         node = self._trie.get(key)
         if node is None:
@@ -112,7 +132,11 @@ class _Complement(Selection):
         self._inner = inner
 
     def __contains__(self, address):
-        return address not in self._inner and not _selects_below(self._inner, address)
+        # The whole sub-tree is in the complement only if the inner selects none of it.
+        return not self._inner._any_below(address)
+
+    def _any_below(self, address):
+        return address not in self._inner
 
     def submap(self, key):
         return _Complement(self._inner.submap(key))
@@ -128,19 +152,14 @@ class _Union(Selection):
     def __contains__(self, address):
         return address in self._a or address in self._b
 
+    def _any_below(self, address):
+        return self._a._any_below(address) or self._b._any_below(address)
+
     def submap(self, key):
         return _Union(self._a.submap(key), self._b.submap(key))
 
     def __repr__(self):
         return f"({self._a!r} | {self._b!r})"
-
-
-def _selects_below(sel: Selection, address) -> bool:
-    """Whether `sel` selects part of the sub-tree at `address` (so its complement is partial)."""
-    node = sel
-    for part in normalize_address(address):
-        node = node.submap(part)
-    return not isinstance(node, _NoneSel) and isinstance(node, _AddressSel)
 
 
 def select(*addresses) -> Selection:

@@ -60,3 +60,12 @@ def test_selection_algebra():
     assert "b" in (sel | select("b"))
     # selecting a whole sub-tree selects everything below it
     assert ("sub", "any", "depth") in select("sub")
+
+
+def test_complement_of_a_composite_selection_keeps_partial_subtrees_partial():
+    sel = ~(select(("sub", "z")) | select("a"))
+    assert ("sub",) not in sel  # part of 'sub' (its 'z') is excluded
+    assert "w" in sel.submap("sub") and "z" not in sel.submap("sub")
+    cm = ChoiceMap({"sub": {"z": 1.0, "w": 2.0}, "a": 3.0, "b": 4.0})
+    assert cm.filter(sel).addresses() == [("b",), ("sub", "w")]
+    assert "x" in ~~select("x") and "y" not in ~~select("x")
