@@ -17,14 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-from ppl import ChoiceMap, GenerativeFunction, InferenceError, Trace
+from ppl import ArgumentError, ChoiceMap, GenerativeFunction, InferenceError, ObservationError, Trace, particle_key
 from ppl._distribution import is_concrete
-from ppl._errors import ArgumentError, ObservationError, format_address
+from ppl._errors import format_address
 from ppl._gfi import check_args, check_key
+from ppl._static import combine, partition
 
 from ._batching import vmap_particles
 from ._sharding import shard_leading_axis
-from ._static import combine, partition
+from ppl._static import combine, partition
 
 __all__ = ["importance", "ImportanceResult", "log_ess"]
 
@@ -60,16 +61,11 @@ class ImportanceResult:
     def num_particles(self) -> int:
         return self.log_weights.shape[-1]
 
-    def _expand(self, take) -> Trace:
+    def _expand(self, take, n: int) -> Trace:
+        """The packed traces with `take` applied to batched leaves, shared leaves
+        broadcast to the `n` traces `take` yields."""
         leaves, treedef = jax.tree.flatten(self._packed)
-        n = None
-        out = []
-        for leaf, batched in zip(leaves, self._is_batched):
-            if batched:
-                leaf = take(leaf)
-                n = leaf.shape[0]
-            out.append(leaf)
-        n = self.num_particles if n is None else n
+        out = [take(leaf) if batched else leaf for leaf, batched in zip(leaves, self._is_batched)]
         out = [
             leaf if batched else jnp.broadcast_to(leaf, (n,) + jnp.shape(leaf))
             for leaf, batched in zip(out, self._is_batched)
@@ -79,7 +75,7 @@ class ImportanceResult:
     @property
     def traces(self) -> Trace:
         """All particles, leaves with leading axis `num_particles`."""
-        return self._expand(lambda x: x)
+        return self._expand(lambda x: x, self.num_particles)
 
     def normalized_weights(self) -> jax.Array:
         """[num_particles] weights summing to one."""
@@ -93,7 +89,7 @@ class ImportanceResult:
         """
         n = self.num_particles if n is None else n
         ancestors = jax.random.categorical(key, self.log_weights, shape=(n,))
-        return self._expand(lambda x: x[ancestors])
+        return self._expand(lambda x: x[ancestors], n)
 
     def __repr__(self):
         return (
@@ -134,8 +130,14 @@ def importance(
 
     Returns an `ImportanceResult` (log_weights [N], log_marginal [], ess [], traces,
     resample). With several devices and N divisible by their number, the particles are
-    sharded across `jax.devices()`. Raises `InferenceError` naming the site if every
-    weight is -inf, or if a weight is NaN.
+    sharded across `jax.devices()`. Particle `i` runs with `ppl.particle_key(key, i)`,
+    so a draw costs one hash per value, as batched hand-written code.
+
+    Raises `InferenceError` naming the site if every weight is -inf, if a weight is
+    +inf (a constraint at a density pole, an infinite factor) or NaN. These checks
+    read the weights on the host, so they run only when `importance` is called outside
+    `jax.jit`; under a user's `jit` the result is returned as computed and the caller
+    checks `log_marginal` (finite unless the run is degenerate).
 
     >>> import numpyro.distributions as dist, ppl
     >>> @ppl.gen
@@ -151,14 +153,14 @@ def importance(
             f"importance: model must be a generative function (decorate it with @ppl.gen), "
             f"got {type(model).__name__}."
         )
-    key = check_key(key, model, "importance")
-    args = check_args(args, model, "importance")
+    key = check_key(key, model, "inference.importance")
+    args = check_args(args, model, "inference.importance")
     if not isinstance(num_particles, (int, np.integer)) or isinstance(num_particles, bool) or num_particles < 1:
         raise ArgumentError(f"importance: num_particles must be a positive int, got {num_particles!r}.")
     if proposal is not None:
         if not isinstance(proposal, GenerativeFunction):
             raise ArgumentError(f"importance: proposal must be a generative function, got {type(proposal).__name__}.")
-        proposal_args = check_args(proposal_args, proposal, "simulate")
+        proposal_args = check_args(proposal_args, proposal, "inference.importance (proposal_args)")
     constraints = ChoiceMap.of(constraints)
     dynamic, static = partition((args, proposal_args))
     result, status = _importance(
@@ -173,11 +175,12 @@ def importance(
 def _importance(key, dynamic, constraints, *, static, model, num_particles, proposal):
     args, proposal_args = combine(dynamic, static)
 
-    def particle(k):
+    k_model, k_proposal = jax.random.split(key)
+
+    def particle(i):
         if proposal is None:
-            return model.generate(k, constraints, args)
-        k_q, k_p = jax.random.split(k)
-        q = proposal.simulate(k_q, proposal_args)
+            return model.generate(particle_key(k_model, i), constraints, args)
+        q = proposal.simulate(particle_key(k_proposal, i), proposal_args)
         both = set(q.choices.addresses()) & set(constraints.addresses())
         if both:
             raise ArgumentError(
@@ -185,19 +188,19 @@ def _importance(key, dynamic, constraints, *, static, model, num_particles, prop
                 f"{', '.join(map(format_address, sorted(both)))}, which the constraints observe; "
                 "a proposal covers latent choices only."
             )
-        tr, w = model.generate(k_p, constraints.merge(q.choices), args)
+        tr, w = model.generate(particle_key(k_model, i), constraints.merge(q.choices), args)
         return tr, w - q.score
 
-    keys = shard_leading_axis(jax.random.split(key, num_particles))
-    (traces, log_weights), is_batched = vmap_particles(particle, keys)
+    indices = shard_leading_axis(jnp.arange(num_particles, dtype=jnp.uint32))
+    (traces, log_weights), is_batched = vmap_particles(particle, indices)
     log_weights = jnp.broadcast_to(log_weights, (num_particles,))
     log_marginal = logsumexp(log_weights) - math.log(num_particles)
     ess = jnp.exp(log_ess(log_weights))
     result = ImportanceResult(traces, is_batched[:-1], log_weights, log_marginal, ess)
     # One small flag vector, so the driver can raise without copying data to the host:
-    # [any weight NaN, every weight -inf, constraint 0 finite, constraint 1 finite, ...].
+    # [any weight NaN or +inf, every weight -inf, constraint 0 finite, constraint 1 finite, ...].
     status = jnp.stack(
-        [jnp.any(jnp.isnan(log_weights)), jnp.all(jnp.isneginf(log_weights))]
+        [jnp.any(jnp.isnan(log_weights) | jnp.isposinf(log_weights)), jnp.all(jnp.isneginf(log_weights))]
         + [_all_finite(v) for _, v in constraints.flat_items()]
     )
     return result, status
@@ -212,14 +215,14 @@ def _raise_if_degenerate(result, status, constraints: ChoiceMap, model) -> None:
     """Name the bad observation or site instead of returning NaN (one small host copy)."""
     if not is_concrete(status):
         return  # inside a user's jit: the caller sees the weights
-    any_nan, all_neginf, *constraint_is_finite = np.asarray(status).tolist()
+    any_bad, all_neginf, *constraint_is_finite = np.asarray(status).tolist()
     for address, ok in zip(constraints.addresses(), constraint_is_finite):
         if not ok:
             raise ObservationError(
-                f"importance: constraint {format_address(address)} has non-finite values. "
+                f"inference.importance: constraint {format_address(address)} has non-finite values. "
                 "Remove or impute them, or mask the missing entries in the model."
             )
-    if any_nan or all_neginf:
+    if any_bad or all_neginf:
         _check_weights(result, model)
 
 
@@ -229,26 +232,35 @@ def _check_weights(result: ImportanceResult, model: GenerativeFunction) -> None:
     if not is_concrete(log_weights):
         return
     host = np.asarray(log_weights)
-    has_nan = np.isnan(host).any()
-    if not has_nan and not np.all(np.isneginf(host)):
+    has_nan, has_posinf = bool(np.isnan(host).any()), bool(np.isposinf(host).any())
+    if not has_nan and not has_posinf and not np.all(np.isneginf(host)):
         return
-    culprits = []
-    for address, score in model._site_scores(result._packed, ()):
-        s = np.asarray(score)
-        if (has_nan and np.isnan(s).any()) or (not has_nan and np.all(np.isneginf(s))):
-            culprits.append(format_address(address))
-    where = (
-        f" Site(s) {', '.join(culprits)} {'are NaN' if has_nan else 'have log density -inf in every particle'}."
-        if culprits
-        else ""
-    )
+
+    def bad(s):
+        if has_nan:
+            return np.isnan(s).any()
+        if has_posinf:
+            return np.isposinf(s).any()
+        return np.all(np.isneginf(s))
+
+    culprits = [format_address(a) for a, score in model._site_scores(result._packed, ()) if bad(np.asarray(score))]
+    named = ", ".join(culprits)
     if has_nan:
+        where = f" Site(s) {named} are NaN." if culprits else ""
         raise InferenceError(
-            f"importance: {int(np.isnan(host).sum())} of {host.size} log weights are NaN.{where} "
+            f"inference.importance: {int(np.isnan(host).sum())} of {host.size} log weights are NaN.{where} "
             "Check the model's parameters for invalid values (negative scales, log of negatives)."
         )
+    if has_posinf:
+        where = f" Site(s) {named} have log density +inf." if culprits else ""
+        raise InferenceError(
+            f"inference.importance: {int(np.isposinf(host).sum())} of {host.size} log weights are +inf, "
+            f"so the normalized weights are undefined.{where} A constraint may sit on a pole of its "
+            "density (e.g. Beta(a, a) with a < 1 at 0 or 1), or a factor is infinite."
+        )
+    where = f" Site(s) {named} have log density -inf in every particle." if culprits else ""
     raise InferenceError(
-        f"importance: all {host.size} log weights are -inf: no particle is possible under the "
+        f"inference.importance: all {host.size} log weights are -inf: no particle is possible under the "
         f"constraints.{where} An observation may lie outside its distribution's support, or the "
         "proposal never reaches the region the constraints allow."
     )

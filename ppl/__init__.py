@@ -4,16 +4,21 @@ Generative functions (`@gen` DSL functions, numpyro distributions via `distribut
 and the combinators `vmap`, `scan`, `switch`, `mask`) answer the generative function
 interface: `simulate`, `assess`, `generate`, `update`, `regenerate` (and `project`).
 Traces and choice maps are pytrees, so everything composes with `jax.jit`,
-`jax.vmap`, `jax.lax.scan` and `jax.grad`. See DESIGN.md for the contract.
+`jax.vmap`, `jax.lax.scan` and `jax.grad`.
+
+Extension: `handle(gen_fn, SiteHandler)` reinterprets every site of a model (the seam
+inference code uses to build unconstrained densities, tempering and per-site gradient
+estimators); `particle_key(key, i)` is the key of particle `i` of a batch.
 """
 
 from ._choicemap import ChoiceMap
 from ._selection import Selection, select
 from ._distribution import DistributionGF, distribution
-from ._dsl import Factor, GenFunction, Observed, Reward, Site, factor, gen, reward, sample
+from ._dsl import GenFunction, deterministic, factor, gen, reward, sample
 from ._errors import (
     AddressError,
     ArgumentError,
+    ControlFlowError,
     DuplicateAddressError,
     InferenceError,
     ObservationError,
@@ -21,8 +26,10 @@ from ._errors import (
     UnknownAddressError,
 )
 from ._gfi import GenerativeFunction
+from ._keys import ParticleKey, particle_key
 from ._mask import MaskGF, mask
 from ._scan import ScanGF, scan
+from ._site import HandledGF, Site, SiteHandler, handle
 from ._switch import SwitchGF, switch
 from ._trace import Trace
 from ._vmap import VmapGF, vmap
@@ -33,6 +40,7 @@ __all__ = [
     "sample",
     "factor",
     "reward",
+    "deterministic",
     "distribution",
     # combinators
     "vmap",
@@ -44,6 +52,13 @@ __all__ = [
     "ChoiceMap",
     "Selection",
     "select",
+    # keys
+    "particle_key",
+    "ParticleKey",
+    # extension: site handlers
+    "handle",
+    "Site",
+    "SiteHandler",
     # classes
     "GenerativeFunction",
     "GenFunction",
@@ -52,10 +67,7 @@ __all__ = [
     "ScanGF",
     "SwitchGF",
     "MaskGF",
-    "Site",
-    "Observed",
-    "Factor",
-    "Reward",
+    "HandledGF",
     # errors
     "PPLError",
     "AddressError",
@@ -63,5 +75,6 @@ __all__ = [
     "UnknownAddressError",
     "ObservationError",
     "ArgumentError",
+    "ControlFlowError",
     "InferenceError",
 ]

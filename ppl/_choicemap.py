@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from ._errors import (
     AddressError,
+    ArgumentError,
     ObservationError,
     UnknownAddressError,
     format_address,
@@ -68,7 +69,7 @@ class ChoiceMap(Mapping):
             return cls()
         if isinstance(x, Mapping):
             return cls(x)
-        raise TypeError(
+        raise ArgumentError(
             f"expected a ChoiceMap or a dict of address -> value, got {type(x).__name__}. "
             "Write constraints as {'y': ys} or {('sub', 'z'): z}."
         )

@@ -1,8 +1,8 @@
-"""The modeling language: `@gen`, `sample`, `factor`, `reward`.
+"""The modeling language: `@gen`, `sample`, `factor`, `reward`, `deterministic`.
 
 A `@gen` function is ordinary traced JAX over numpyro distributions. Its GFI methods run
-the body under a handler (`_handler.py`) that gives the primitives the meaning of the
-method. See `_handler.py` for the trace layout and the key scheme.
+the body under a run of that method (`_interpreter.py`) that gives the primitives their
+meaning; `_keys.py` holds the key scheme.
 """
 
 from __future__ import annotations
@@ -16,23 +16,13 @@ import jax.numpy as jnp
 
 from ._choicemap import ChoiceMap
 from ._distribution import is_distribution, is_distribution_class
-from ._errors import ArgumentError
+from ._errors import ArgumentError, UnknownAddressError, format_address
 from ._gfi import GenerativeFunction
-from ._handler import (
-    Factor,
-    Handler,
-    Observed,
-    Reward,
-    Site,
-    current_handler,
-    in_model,
-    record_score,
-    run_handler,
-    sum_terms,
-)
+from ._interpreter import RUNS, current_run, in_model, run_body
+from ._records import Choice, Deterministic, Factor, Observed, Reward, record_score, record_value, sum_terms
 from ._trace import Trace
 
-__all__ = ["gen", "sample", "factor", "reward", "GenFunction"]
+__all__ = ["gen", "sample", "factor", "reward", "deterministic", "GenFunction"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -47,15 +37,15 @@ def sample(address: str, fn, *args, obs=None):
     generative function called with `*args`, whose choices nest under `address`. Returns
     the value (or the nested function's return value).
     """
-    handler = current_handler("ppl.sample")
-    handler.claim(address, "ppl.sample")
+    run = current_run("ppl.sample")
+    run.claim(address, "ppl.sample")
     if is_distribution(fn):
         if args:
             raise ArgumentError(
                 f"ppl.sample({address!r}, {type(fn).__name__}(...), ...): a distribution takes "
                 "no extra arguments; put its parameters in the constructor."
             )
-        return handler.sample_distribution(address, fn, obs)
+        return run.sample_distribution(address, fn, obs)
     if isinstance(fn, GenerativeFunction):
         if obs is not None:
             raise ArgumentError(
@@ -71,7 +61,7 @@ def sample(address: str, fn, *args, obs=None):
                 f"ppl.sample({address!r}, {fn.__name__}{', ...' if args else ''}): {e} Pass the "
                 f"arguments after the generative function: ppl.sample({address!r}, {fn.__name__}, *args)."
             ) from None
-        return handler.call(address, fn, args)
+        return run.call(address, fn, args)
     if is_distribution_class(fn):
         raise ArgumentError(
             f"ppl.sample({address!r}, {fn.__name__}): pass a distribution instance, e.g. "
@@ -88,9 +78,32 @@ def factor(address: str, log_weight) -> None:
 
     Counted in `score`, `assess`, and the `generate`/`update` weights; no choice recorded.
     """
-    handler = current_handler("ppl.factor")
-    handler.claim(address, "ppl.factor")
-    handler.add_factor(address, Factor(jnp.sum(jnp.asarray(log_weight, dtype=float))))
+    run = current_run("ppl.factor")
+    run.claim(address, "ppl.factor")
+    site = run.site("factor", address, value=log_weight)
+    run.add_factor(address, Factor(site.scale * jnp.sum(jnp.asarray(site.value, dtype=float))))
+
+
+def deterministic(address: str, value):
+    """Record `value` at `address` as a named derived quantity and return it.
+
+    Not a random choice: no density, not in `trace.choices`, cannot be constrained;
+    `trace[address]` reads it, and predictive and MCMC draws include it.
+
+    >>> import numpyro.distributions as dist
+    >>> @gen
+    ... def model():
+    ...     log_s = sample("log_s", dist.Normal(0.0, 1.0))
+    ...     return deterministic("s", jnp.exp(log_s))
+    >>> tr = model.simulate(jax.random.key(0), ())
+    >>> bool(tr["s"] == jnp.exp(tr["log_s"])), sorted(tr.choices.addresses())
+    (True, [('log_s',)])
+    """
+    run = current_run("ppl.deterministic")
+    run.claim(address, "ppl.deterministic")
+    site = run.site("deterministic", address, value=value)
+    run.deterministic(address, site.value)
+    return site.value
 
 
 def _logit(r):
@@ -113,12 +126,14 @@ def reward(address: str, reward_fn, *inputs, beta=1.0, link: str = "log") -> jax
     reward clipped to [eps, 1 - eps] of its float type. Returns the reward.
     """
     if link not in _LINKS:
-        raise ValueError(f"ppl.reward({address!r}, ...): link must be one of {sorted(_LINKS)}, got {link!r}")
-    handler = current_handler("ppl.reward")
-    handler.claim(address, "ppl.reward")
+        raise ArgumentError(f"ppl.reward({address!r}, ...): link must be one of {sorted(_LINKS)}, got {link!r}")
+    run = current_run("ppl.reward")
+    run.claim(address, "ppl.reward")
     r = jnp.asarray(reward_fn(*inputs))
-    log_weight = jnp.sum(beta * _LINKS[link](r))
-    handler.add_factor(address, Reward(r, log_weight))
+    site = run.site("reward", address, fn=reward_fn, args=inputs, value=r)
+    r = jnp.asarray(site.value)
+    log_weight = site.scale * jnp.sum(beta * _LINKS[link](r))
+    run.add_factor(address, Reward(r, log_weight))
     return r
 
 
@@ -160,43 +175,40 @@ class GenFunction(GenerativeFunction):
             )
         return self.fn(*args)
 
-    def _run(self, handler: Handler, args: tuple, method: str):
-        return run_handler(handler, self.fn, args, method)
+    def _run(self, method: str, args: tuple, **kw):
+        run = RUNS[method](self, **kw)
+        retval = run_body(run, self.fn, args, method)
+        return run, retval
 
-    def _trace(self, handler, args, retval):
-        return Trace(self, args, retval, handler.score(), handler.records)
+    def _trace(self, run, args, retval):
+        return Trace(self, args, retval, run.score(), run.records)
 
     def _simulate(self, key, args):
-        h = Handler(self, "simulate", key=key)
-        retval = self._run(h, args, "simulate")
-        return self._trace(h, args, retval)
+        run, retval = self._run("simulate", args, key=key)
+        return self._trace(run, args, retval)
 
     def _assess(self, choices, args):
-        h = Handler(self, "assess", constraints=choices)
-        retval = self._run(h, args, "assess")
-        return h.score(), retval
+        run, retval = self._run("assess", args, given=choices)
+        return run.score(), retval
 
     def _generate(self, key, constraints, args):
-        h = Handler(self, "generate", key=key, constraints=constraints)
-        retval = self._run(h, args, "generate")
-        return self._trace(h, args, retval), h.weight()
+        run, retval = self._run("generate", args, key=key, given=constraints)
+        return self._trace(run, args, retval), run.weight()
 
     def _update(self, key, trace, constraints, args):
-        h = Handler(self, "update", key=key, constraints=constraints, old=trace.inner)
-        retval = self._run(h, args, "update")
-        return self._trace(h, args, retval), h.weight(), ChoiceMap(h.discard)
+        run, retval = self._run("update", args, key=key, given=constraints, old=trace.inner)
+        return self._trace(run, args, retval), run.weight(), ChoiceMap(run.discard)
 
     def _regenerate(self, key, trace, selection, args):
-        h = Handler(self, "regenerate", key=key, old=trace.inner, selection=selection)
-        retval = self._run(h, args, "regenerate")
-        return self._trace(h, args, retval), h.weight()
+        run, retval = self._run("regenerate", args, key=key, old=trace.inner, selection=selection)
+        return self._trace(run, args, retval), run.weight()
 
     def _project(self, trace, selection):
         terms = []
         for address, rec in trace.inner.items():
             if isinstance(rec, Trace):
                 terms.append(rec.gen_fn._project(rec, selection.submap(address)))
-            elif isinstance(rec, Site):
+            elif isinstance(rec, Choice):
                 if address in selection:
                     terms.append(rec.score)
             else:
@@ -206,7 +218,7 @@ class GenFunction(GenerativeFunction):
     def _choices(self, trace):
         out = {}
         for address, rec in trace.inner.items():
-            if isinstance(rec, (Site, Observed)):
+            if isinstance(rec, Choice):
                 out[address] = rec.value
             elif isinstance(rec, Trace):
                 sub = rec.choices
@@ -214,11 +226,23 @@ class GenFunction(GenerativeFunction):
                     out[address] = sub
         return ChoiceMap(out)
 
+    def _lookup(self, trace, path):
+        rec = trace.inner.get(path[0]) if path else None
+        if isinstance(rec, Trace) and len(path) > 1:
+            return rec.gen_fn._lookup(rec, path[1:])
+        if isinstance(rec, (Observed, Factor, Reward, Deterministic)) and len(path) == 1:
+            return record_value(rec)
+        named = [(a,) for a in trace.inner]
+        raise UnknownAddressError(
+            f"{self.__name__}: the trace has no value at {format_address(path)}. Its addresses: "
+            f"{', '.join(format_address(a) for a in named) or '(none)'}."
+        )
+
     def _site_scores(self, trace, path):
         for address, rec in trace.inner.items():
             if isinstance(rec, Trace):
                 yield from rec.gen_fn._site_scores(rec, path + (address,))
-            else:
+            elif not isinstance(rec, Deterministic):
                 yield path + (address,), record_score(rec)
 
 
@@ -237,5 +261,5 @@ def gen(fn) -> GenFunction:
     if isinstance(fn, GenerativeFunction):
         return fn
     if not callable(fn):
-        raise TypeError(f"@ppl.gen decorates a function, got {type(fn).__name__}")
+        raise ArgumentError(f"@ppl.gen decorates a function, got {type(fn).__name__}")
     return GenFunction(fn)

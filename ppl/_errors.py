@@ -19,6 +19,7 @@ __all__ = [
     "ObservationError",
     "ArgumentError",
     "InferenceError",
+    "ControlFlowError",
 ]
 
 
@@ -55,6 +56,10 @@ class ArgumentError(PPLError, TypeError, ValueError):
     """
 
 
+class ControlFlowError(PPLError, TypeError):
+    """A traced value (a random choice) decides Python control flow inside a model body."""
+
+
 class InferenceError(PPLError, RuntimeError):
     """An inference run cannot produce a meaningful answer (e.g. every weight is -inf)."""
 
@@ -65,6 +70,14 @@ def normalize_address(address) -> tuple:
         return (address,)
     if isinstance(address, tuple) and all(isinstance(a, str) for a in address):
         return address
+    if isinstance(address, tuple) and any(isinstance(a, int) for a in address):
+        raise AddressError(
+            f"address {address!r} holds an integer; addresses are strings only. The choices "
+            "of ppl.scan and ppl.vmap are stacked arrays with the time (or element) axis "
+            "first: constrain {'y': ys} with ys holding every step. To condition on some "
+            "steps only, give every step and mask the unobserved ones in the kernel "
+            "(dist.Normal(...).mask(is_observed)), or advance the scan step by step (SMC)."
+        )
     raise AddressError(
         f"address {address!r} is not a string or a tuple of strings; write 'x' for a "
         "site or ('sub', 'x') for a site inside a nested generative function."
@@ -79,7 +92,22 @@ def format_address(address) -> str:
 
 
 def suggest(name, candidates: Iterable) -> str:
-    """' Did you mean ...?' for the closest candidate address, or ''."""
+    """' Did you mean ...?' naming the closest candidate by its full path, or ''.
+
+    A candidate whose last part equals the name's (the right site, wrong nesting) wins;
+    otherwise the closest full path, then the closest last part.
+    """
+    path = name if isinstance(name, tuple) else (name,)
+    candidates = [c if isinstance(c, tuple) else (c,) for c in candidates]
+    if not path or not candidates:
+        return ""
+    same_leaf = [c for c in candidates if c[-1] == path[-1] and c != path]
+    if same_leaf:
+        return f" Did you mean {format_address(min(same_leaf, key=len))}?"
     rendered = {format_address(c): c for c in candidates}
-    close = difflib.get_close_matches(format_address(name), list(rendered), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(format_address(path), list(rendered), n=1, cutoff=0.5)
+    if not close:
+        leaves = {c[-1]: c for c in candidates}
+        near = difflib.get_close_matches(path[-1], list(leaves), n=1, cutoff=0.6)
+        close = [format_address(leaves[near[0]])] if near else []
     return f" Did you mean {close[0]}?" if close else ""

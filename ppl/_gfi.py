@@ -22,12 +22,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from . import _keys
 from ._choicemap import ChoiceMap
+from ._errors import ArgumentError, UnknownAddressError, format_address, suggest
 from ._selection import Selection, select
-from ._errors import ArgumentError
+from ._static import partition, combine
 from ._trace import Trace
 
-__all__ = ["GenerativeFunction", "check_key", "check_args"]
+__all__ = ["GenerativeFunction", "check_key", "check_args", "as_selection"]
 
 _REGENERATE_STREAM = 0x5E6E
 
@@ -50,12 +52,15 @@ class GenerativeFunction:
         """
         key = check_key(key, self, "simulate")
         args = check_args(args, self, "simulate")
+        _check_eagerly(self, "simulate", self._simulate, key, args)
         return self._simulate(key, args)
 
     def assess(self, choices, args: tuple) -> tuple[jax.Array, Any]:
         """`(log p(choices) + factors, retval)` for a complete set of choices."""
         args = check_args(args, self, "assess")
-        return self._assess(ChoiceMap.of(choices), args)
+        choices = ChoiceMap.of(choices)
+        _check_eagerly(self, "assess", self._assess, choices, args)
+        return self._assess(choices, args)
 
     def generate(self, key, constraints, args: tuple) -> tuple[Trace, jax.Array]:
         """Constrain the given addresses, sample the rest from the prior.
@@ -65,7 +70,9 @@ class GenerativeFunction:
         """
         key = check_key(key, self, "generate")
         args = check_args(args, self, "generate")
-        return self._generate(key, ChoiceMap.of(constraints), args)
+        constraints = ChoiceMap.of(constraints)
+        _check_eagerly(self, "generate", self._generate, key, constraints, args)
+        return self._generate(key, constraints, args)
 
     def update(self, key, trace: Trace, constraints, args: tuple) -> tuple[Trace, jax.Array, ChoiceMap]:
         """Move `trace` to new `args` and the values in `constraints`.
@@ -77,7 +84,9 @@ class GenerativeFunction:
         key = check_key(key, self, "update")
         args = check_args(args, self, "update")
         _check_trace(trace, self, "update")
-        return self._update(key, trace, ChoiceMap.of(constraints), args)
+        constraints = ChoiceMap.of(constraints)
+        _check_eagerly(self, "update", self._update, key, trace, constraints, args)
+        return self._update(key, trace, constraints, args)
 
     def regenerate(self, key, trace: Trace, selection) -> tuple[Trace, jax.Array]:
         """Resample the selected addresses from their prior, keep the rest.
@@ -88,10 +97,14 @@ class GenerativeFunction:
         """
         key = check_key(key, self, "regenerate")
         _check_trace(trace, self, "regenerate")
+        selection = as_selection(selection)
+        check_selection(selection, trace, f"{self.__name__}.regenerate")
         # A distinct stream: regenerating with the key that simulated the trace (a common
         # slip) must still move the selected choices instead of redrawing the same values.
-        key = jax.random.fold_in(key, _REGENERATE_STREAM)
-        return self._regenerate(key, trace, as_selection(selection), trace.args)
+        key = _keys.fold(key, _REGENERATE_STREAM)
+        run = lambda k, t: self._regenerate(k, t, selection, t.args)  # noqa: E731
+        _check_eagerly(self, "regenerate", run, key, trace)
+        return run(key, trace)
 
     def project(self, trace: Trace, selection) -> jax.Array:
         """Log density of the selected choices plus every factor and observed site.
@@ -99,7 +112,9 @@ class GenerativeFunction:
         `project(trace, Selection.all()) == trace.score`.
         """
         _check_trace(trace, self, "project")
-        return self._project(trace, as_selection(selection))
+        selection = as_selection(selection)
+        check_selection(selection, trace, f"{self.__name__}.project")
+        return self._project(trace, selection)
 
     # -- combinator sugar ------------------------------------------------------------------
     def vmap(self, in_axes=0) -> GenerativeFunction:
@@ -147,6 +162,14 @@ class GenerativeFunction:
     def _check_arity(self, args: tuple, method: str) -> None:
         """Raise `ArgumentError` if `args` cannot be the arguments of this function."""
 
+    def _lookup(self, trace, path: tuple):
+        """The value of a non-choice site at `path` (observed, deterministic, ...)."""
+        raise UnknownAddressError(
+            f"{self.__name__}: the trace has no value at {format_address(path)}. Its random "
+            f"choices: {', '.join(format_address(a) for a in trace.choices.addresses()) or '(none)'}."
+            + suggest(path, trace.choices.addresses())
+        )
+
     def _site_scores(self, trace, path: tuple):
         """Yield `(address, log_density)` of the sites of `trace`, for diagnostics."""
         yield path, trace.score
@@ -159,43 +182,98 @@ class GenerativeFunction:
         )
 
 
+def _where(gen_fn, method: str) -> str:
+    """How messages name the call: 'model.simulate', or an inference entry point's name."""
+    return method if "." in method or gen_fn is None else f"{gen_fn.__name__}.{method}"
+
+
 def check_key(key, gen_fn, method: str):
-    """A `jax.random` key (typed, or a raw uint32 pair) or an `ArgumentError`."""
+    """A `jax.random` key (typed, or a raw uint32 pair), a `ppl.ParticleKey`, or an
+    `ArgumentError`. `method` is 'simulate' (named as gen_fn.simulate) or a dotted name
+    such as 'inference.importance' (used as is)."""
+    where = _where(gen_fn, method)
+    if isinstance(key, _keys.ParticleKey):
+        return key
     dtype = getattr(key, "dtype", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         if key.shape != ():
             raise ArgumentError(
-                f"{gen_fn.__name__}.{method}: expected one key, got a batch of shape {key.shape}. "
-                f"Use jax.vmap({gen_fn.__name__}.{method}, ...) to run a batch."
+                f"{where}: expected one key, got a batch of shape {key.shape}. "
+                f"Use jax.vmap over the call to run a batch."
             )
         return key
     if dtype == jnp.uint32 and getattr(key, "shape", None) == (2,):
         return key
     raise ArgumentError(
-        f"{gen_fn.__name__}.{method}: the first argument must be a jax.random key, "
+        f"{where}: the first argument must be a jax.random key, "
         f"got {type(key).__name__}{'' if dtype is None else f' of dtype {dtype}'}. "
         "Create one with jax.random.key(0) and split it for every call."
     )
 
 
 def check_args(args, gen_fn, method: str) -> tuple:
-    """The argument tuple, checked against the function's signature where known."""
-    if isinstance(args, list):
-        args = tuple(args)
+    """The argument tuple, checked against the function's signature where known.
+
+    `args` must be a tuple (as in `jax.lax` and GenJAX): a list is refused rather than
+    converted, because a list is also a valid single pytree argument.
+    """
+    where = _where(gen_fn, method)
     if not isinstance(args, tuple):
+        fix = "tuple(args)" if isinstance(args, list) else f"({_arg_hint(args)},) with the trailing comma"
         raise ArgumentError(
-            f"{gen_fn.__name__}.{method}: `args` must be a tuple of the arguments, got "
-            f"{type(args).__name__}. For a single argument write ({_arg_hint(args)},) "
-            "with the trailing comma; for none write ()."
+            f"{where}: `args` must be a tuple of the arguments, got "
+            f"{type(args).__name__}. Write {fix}; for no arguments write ()."
         )
     try:
         gen_fn._check_arity(args, method)
     except ArgumentError as e:
         raise ArgumentError(
-            f"{gen_fn.__name__}.{method}: {e} The args tuple holds the function's arguments in "
-            f"order, e.g. {gen_fn.__name__}.{method}(..., (xs,))."
+            f"{where}: {e} The args tuple holds the function's arguments in "
+            f"order, e.g. {where}(..., (xs,))."
         ) from None
     return args
+
+
+def check_selection(selection: Selection, trace: Trace, where: str) -> None:
+    """Every address a selection names must reach a random choice of the trace."""
+    named = selection._named_paths()
+    if not named:
+        return
+    choices = trace.choices
+    addresses = choices.addresses()
+    for path in named:
+        if path and path not in choices and not any(a[: len(path)] == path for a in addresses):
+            raise UnknownAddressError(
+                f"{where}: the selection names {format_address(path)}, which is not a random "
+                f"choice of the trace. Its random choices: "
+                f"{', '.join(format_address(a) for a in addresses) or '(none)'}."
+                + suggest(path, addresses)
+            )
+
+
+# Model bodies run eagerly (outside jit/vmap) see concrete values, so a Python `if` on a
+# random value would silently take one branch. The first eager call of each signature
+# also traces the method abstractly (jax.eval_shape), where such control flow raises
+# ControlFlowError naming the line; later calls with the same signature skip it.
+_EAGER_CHECKED: set = set()
+
+
+def _check_eagerly(gen_fn, method: str, fn, *inputs) -> None:
+    from ._interpreter import in_model
+
+    leaves = jax.tree.leaves(inputs)
+    if in_model() or any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return
+    dynamic, static = partition(inputs)
+    try:
+        signature = (gen_fn, method, static, tuple((jnp.shape(x), str(getattr(x, 'dtype', type(x)))) for x in dynamic))
+        hash(signature)
+    except TypeError:
+        return
+    if signature in _EAGER_CHECKED:
+        return
+    jax.eval_shape(lambda dyn: fn(*combine(dyn, static)), dynamic)
+    _EAGER_CHECKED.add(signature)
 
 
 def as_selection(selection) -> Selection:
@@ -206,7 +284,7 @@ def as_selection(selection) -> Selection:
         return select(selection)
     if isinstance(selection, (list, set, frozenset)):
         return select(*selection)
-    raise TypeError(
+    raise ArgumentError(
         f"expected a selection, got {type(selection).__name__}; build one with "
         "ppl.select('x', ('sub', 'z'))."
     )

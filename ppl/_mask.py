@@ -28,7 +28,7 @@ class MaskGF(GenerativeFunction):
 
     def __init__(self, gen_fn: GenerativeFunction):
         if not isinstance(gen_fn, GenerativeFunction):
-            raise TypeError(f"ppl.mask expects a generative function, got {type(gen_fn).__name__}")
+            raise ArgumentError(f"ppl.mask expects a generative function, got {type(gen_fn).__name__}")
         self.gen_fn = gen_fn
         self.__name__ = f"mask({gen_fn.__name__})"
 
@@ -99,6 +99,9 @@ class MaskGF(GenerativeFunction):
 
     def _choices(self, trace):
         return trace.inner.choices
+
+    def _lookup(self, trace, path):
+        return self.gen_fn._lookup(trace.inner, path)
 
     def _site_scores(self, trace, path):
         flag = self._flag(trace.args)

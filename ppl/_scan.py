@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import _keys
 from ._choicemap import ChoiceMap, check_leading_axis
 from ._errors import ArgumentError
 from ._gfi import GenerativeFunction
@@ -24,9 +25,9 @@ class ScanGF(GenerativeFunction):
 
     def __init__(self, kernel: GenerativeFunction, length: int | None = None):
         if not isinstance(kernel, GenerativeFunction):
-            raise TypeError(f"ppl.scan expects a generative function, got {type(kernel).__name__}")
+            raise ArgumentError(f"ppl.scan expects a generative function, got {type(kernel).__name__}")
         if length is not None and (not isinstance(length, int) or length < 0):
-            raise ValueError(f"ppl.scan: length must be a non-negative int, got {length!r}")
+            raise ArgumentError(f"ppl.scan: length must be a non-negative int, got {length!r}")
         self.kernel = kernel
         self.length = length
         self.__name__ = f"scan({kernel.__name__})"
@@ -95,12 +96,14 @@ class ScanGF(GenerativeFunction):
         carry, xs = args
         length = self.num_steps(args)
 
+        keys, rebuild = _keys.step_keys(key, length)
+
         def step(c, kx):
             k, x = kx
-            tr = self.kernel.simulate(k, (c, x))
+            tr = self.kernel.simulate(rebuild(k), (c, x))
             return self._split_retval(tr.retval)[0], tr
 
-        final, trs = self._scan(step, carry, (jax.random.split(key, length), xs), length)
+        final, trs = self._scan(step, carry, (keys, xs), length)
         return self._wrap(args, final, trs)
 
     def _assess(self, choices, args):
@@ -122,12 +125,13 @@ class ScanGF(GenerativeFunction):
         length = self.num_steps(args)
         self._check_stacked(constraints, length, "constraint")
 
+        keys, rebuild = _keys.step_keys(key, length)
+
         def step(c, kcx):
             k, cons, x = kcx
-            tr, w = self.kernel.generate(k, cons, (c, x))
+            tr, w = self.kernel.generate(rebuild(k), cons, (c, x))
             return self._split_retval(tr.retval)[0], (tr, w)
 
-        keys = jax.random.split(key, length)
         final, (trs, ws) = self._scan(step, carry, (keys, constraints, xs), length)
         return self._wrap(args, final, trs), jnp.sum(ws)
 
@@ -140,12 +144,13 @@ class ScanGF(GenerativeFunction):
             )
         self._check_stacked(constraints, length, "constraint")
 
+        keys, rebuild = _keys.step_keys(key, length)
+
         def step(c, ktcx):
             k, old, cons, x = ktcx
-            tr, w, discard = self.kernel.update(k, old, cons, (c, x))
+            tr, w, discard = self.kernel.update(rebuild(k), old, cons, (c, x))
             return self._split_retval(tr.retval)[0], (tr, w, discard)
 
-        keys = jax.random.split(key, length)
         final, (trs, ws, discard) = self._scan(step, carry, (keys, trace.inner, constraints, xs), length)
         return self._wrap(args, final, trs), jnp.sum(ws), discard
 
@@ -153,12 +158,13 @@ class ScanGF(GenerativeFunction):
         carry, xs = args
         length = self.num_steps(args)
 
+        keys, rebuild = _keys.step_keys(key, length)
+
         def step(c, ktx):
             k, old, x = ktx
-            tr, w = self.kernel._regenerate(k, old, selection, (c, x))
+            tr, w = self.kernel._regenerate(rebuild(k), old, selection, (c, x))
             return self._split_retval(tr.retval)[0], (tr, w)
 
-        keys = jax.random.split(key, length)
         final, (trs, ws) = self._scan(step, carry, (keys, trace.inner, xs), length)
         return self._wrap(args, final, trs), jnp.sum(ws)
 
@@ -167,6 +173,9 @@ class ScanGF(GenerativeFunction):
 
     def _choices(self, trace):
         return trace.inner.choices
+
+    def _lookup(self, trace, path):
+        return self.kernel._lookup(trace.inner, path)
 
     def _site_scores(self, trace, path):
         for address, score in self.kernel._site_scores(trace.inner, path):

@@ -34,6 +34,10 @@ class Selection:
         """Whether some address at or below `address` is selected."""
         raise NotImplementedError
 
+    def _named_paths(self) -> list[tuple]:
+        """The address paths this selection names explicitly (checked against traces)."""
+        return []
+
     def __invert__(self) -> Selection:
         return _Complement(self)
 
@@ -107,7 +111,10 @@ class _AddressSel(Selection):
             if part not in node:
                 return False
             node = node[part]
-        return True  # a selected leaf, or a non-empty sub-trie
+        return node is True or bool(node)  # a selected leaf, or a non-empty sub-trie
+
+    def _named_paths(self):
+        return [p if isinstance(p, tuple) else (p,) for p in _paths(self._trie)]
 
     def submap(self, key):
         node = self._trie.get(key)
@@ -138,6 +145,9 @@ class _Complement(Selection):
     def _any_below(self, address):
         return address not in self._inner
 
+    def _named_paths(self):
+        return self._inner._named_paths()
+
     def submap(self, key):
         return _Complement(self._inner.submap(key))
 
@@ -154,6 +164,9 @@ class _Union(Selection):
 
     def _any_below(self, address):
         return self._a._any_below(address) or self._b._any_below(address)
+
+    def _named_paths(self):
+        return self._a._named_paths() + self._b._named_paths()
 
     def submap(self, key):
         return _Union(self._a.submap(key), self._b.submap(key))

@@ -30,10 +30,10 @@ class SwitchGF(GenerativeFunction):
 
     def __init__(self, *branches: GenerativeFunction):
         if not branches:
-            raise ValueError("ppl.switch needs at least one branch")
+            raise ArgumentError("ppl.switch needs at least one branch")
         for b in branches:
             if not isinstance(b, GenerativeFunction):
-                raise TypeError(f"ppl.switch branches must be generative functions, got {type(b).__name__}")
+                raise ArgumentError(f"ppl.switch branches must be generative functions, got {type(b).__name__}")
         self.branches = tuple(branches)
         self.__name__ = f"switch({', '.join(b.__name__ for b in branches)})"
 

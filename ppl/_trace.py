@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
+from ._errors import normalize_address
+from ._static import combine, partition
+
 if TYPE_CHECKING:
     from ._choicemap import ChoiceMap
     from ._gfi import GenerativeFunction
@@ -53,7 +56,12 @@ class Trace:
         return self.gen_fn._choices(self)
 
     def __getitem__(self, address):
-        return self.choices[address]
+        """The value at `address`: a random choice, or an observed, deterministic,
+        reward or factor value of the model."""
+        choices = self.choices
+        if address in choices:
+            return choices[address]
+        return self.gen_fn._lookup(self, normalize_address(address))
 
     # GenJAX spellings, for users moving over (same values, same signs).
     def get_choices(self) -> ChoiceMap:
@@ -72,9 +80,15 @@ class Trace:
         name = getattr(self.gen_fn, "__name__", type(self.gen_fn).__name__)
         return f"Trace({name}, score={self.score!r}, choices={self.choices!r})"
 
+    # Python ints, bools, strings and None in `args` are static: part of the trace's
+    # structure, as jax.jit's static arguments, so a trace carried through lax.scan (every
+    # MCMC and SMC loop) keeps `n` in `dist.Normal(...).expand((n,))` a Python int.
     def tree_flatten(self):
-        return (self.args, self.retval, self.score, self.inner), self.gen_fn
+        dynamic, static = partition(self.args)
+        return (dynamic, self.retval, self.score, self.inner), (self.gen_fn, static)
 
     @classmethod
-    def tree_unflatten(cls, gen_fn, children):
-        return cls(gen_fn, *children)
+    def tree_unflatten(cls, aux, children):
+        gen_fn, static = aux
+        dynamic, retval, score, inner = children
+        return cls(gen_fn, combine(dynamic, static), retval, score, inner)

@@ -2,7 +2,8 @@
 
 The trace holds the kernel's traces stacked along the mapped axis (axis 0); so do its
 choices: `trace["points", "y"].shape == (n,)`. Each element draws from its own key
-(`split(key, n)`), and the score is the sum of the element scores.
+(`split(key, n)`; under a particle key the split is shared by the batch of particles),
+and the score is the sum of the element scores.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import _keys
 from ._choicemap import ChoiceMap, check_leading_axis
 from ._errors import ArgumentError
 from ._gfi import GenerativeFunction
@@ -31,7 +33,7 @@ class VmapGF(GenerativeFunction):
 
     def __init__(self, gen_fn: GenerativeFunction, in_axes=0):
         if not isinstance(gen_fn, GenerativeFunction):
-            raise TypeError(f"ppl.vmap expects a generative function, got {type(gen_fn).__name__}")
+            raise ArgumentError(f"ppl.vmap expects a generative function, got {type(gen_fn).__name__}")
         self.gen_fn = gen_fn
         self.in_axes = _freeze(in_axes)
         self.__name__ = f"vmap({gen_fn.__name__})"
@@ -80,8 +82,8 @@ class VmapGF(GenerativeFunction):
         return Trace(self, args, tr.retval, jnp.sum(tr.score), tr)
 
     def _simulate(self, key, args):
-        keys = jax.random.split(key, self._size(args))
-        tr = jax.vmap(self.gen_fn.simulate, in_axes=(0, self._axes(args)))(keys, args)
+        keys, key_axes = _keys.split(key, self._size(args))
+        tr = jax.vmap(self.gen_fn.simulate, in_axes=(key_axes, self._axes(args)))(keys, args)
         return self._wrap(args, tr)
 
     def _assess(self, choices, args):
@@ -92,23 +94,23 @@ class VmapGF(GenerativeFunction):
     def _generate(self, key, constraints, args):
         n = self._size(args)
         self._check_stacked(constraints, n, "constraint")
-        keys = jax.random.split(key, n)
-        tr, w = jax.vmap(self.gen_fn.generate, in_axes=(0, 0, self._axes(args)))(keys, constraints, args)
+        keys, key_axes = _keys.split(key, n)
+        tr, w = jax.vmap(self.gen_fn.generate, in_axes=(key_axes, 0, self._axes(args)))(keys, constraints, args)
         return self._wrap(args, tr), jnp.sum(w)
 
     def _update(self, key, trace, constraints, args):
         n = self._size(args)
         self._check_stacked(constraints, n, "constraint")
-        keys = jax.random.split(key, n)
-        tr, w, discard = jax.vmap(self.gen_fn.update, in_axes=(0, 0, 0, self._axes(args)))(
+        keys, key_axes = _keys.split(key, n)
+        tr, w, discard = jax.vmap(self.gen_fn.update, in_axes=(key_axes, 0, 0, self._axes(args)))(
             keys, trace.inner, constraints, args
         )
         return self._wrap(args, tr), jnp.sum(w), discard
 
     def _regenerate(self, key, trace, selection, args):
-        keys = jax.random.split(key, self._size(args))
+        keys, key_axes = _keys.split(key, self._size(args))
         step = lambda k, t, a: self.gen_fn._regenerate(k, t, selection, a)  # noqa: E731
-        tr, w = jax.vmap(step, in_axes=(0, 0, self._axes(args)))(keys, trace.inner, args)
+        tr, w = jax.vmap(step, in_axes=(key_axes, 0, self._axes(args)))(keys, trace.inner, args)
         return self._wrap(args, tr), jnp.sum(w)
 
     def _project(self, trace, selection):
@@ -116,6 +118,9 @@ class VmapGF(GenerativeFunction):
 
     def _choices(self, trace):
         return trace.inner.choices
+
+    def _lookup(self, trace, path):
+        return self.gen_fn._lookup(trace.inner, path)
 
     def _site_scores(self, trace, path):
         for address, score in self.gen_fn._site_scores(trace.inner, path):

@@ -24,11 +24,12 @@ SCRIPT = textwrap.dedent(
     assert len(res.log_weights.sharding.device_set) == 4, res.log_weights.sharding
     assert len(res.traces["mu"].sharding.device_set) == 4
 
-    # the same computation pinned to one device
+    # the same computation pinned to one device: particle i runs under particle_key(k_model, i)
+    k_model = jax.random.split(jax.random.key(0))[0]
     with jax.default_device(jax.devices()[0]):
         one = jax.jit(
-            lambda k: jax.vmap(lambda kk: model.generate(kk, {"y": y}, (3,))[1])(jax.random.split(k, 4096))
-        )(jax.random.key(0))
+            lambda k: jax.vmap(lambda i: model.generate(ppl.particle_key(k, i), {"y": y}, (3,))[1])(jnp.arange(4096))
+        )(k_model)
     np.testing.assert_allclose(np.asarray(res.log_weights), np.asarray(one), rtol=1e-6, atol=1e-6)
     print("sharded ok", float(res.log_marginal))
     """
