@@ -18,14 +18,11 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from ppl import ArgumentError, ChoiceMap, GenerativeFunction, InferenceError, ObservationError, Trace, particle_key
-from ppl._distribution import is_concrete
-from ppl._errors import format_address
-from ppl._gfi import check_args, check_key
-from ppl._static import combine, partition
+from ppl.extend import check_args, check_key, combine, format_address, is_concrete, partition
 
 from ._batching import vmap_particles
+from ._checks import check_constraint_values
 from ._sharding import shard_leading_axis
-from ppl._static import combine, partition
 
 __all__ = ["importance", "ImportanceResult", "log_ess"]
 
@@ -162,6 +159,7 @@ def importance(
             raise ArgumentError(f"importance: proposal must be a generative function, got {type(proposal).__name__}.")
         proposal_args = check_args(proposal_args, proposal, "inference.importance (proposal_args)")
     constraints = ChoiceMap.of(constraints)
+    check_constraint_values(model, args, constraints, "inference.importance")
     dynamic, static = partition((args, proposal_args))
     result, status = _importance(
         key, dynamic, constraints,

@@ -195,8 +195,9 @@ class DistributionGF(GenerativeFunction):
                 f"{self.__name__}.{method}: this distribution is fixed and takes args (), got {len(args)}."
             )
 
-    def _trace(self, args, value, lp):
-        return Trace(self, args, value, lp, value)
+    def _trace(self, args, value, lp, site=None):
+        retval = value if site is None or site.to_model is None else site.to_model(value)
+        return Trace(self, args, retval, lp, value)
 
     def _site(self, args, method, value=None):
         """The choice as a site, through the installed site handlers."""
@@ -219,21 +220,21 @@ class DistributionGF(GenerativeFunction):
     def _simulate(self, key, args):
         site = self._site(args, "simulate")
         value, lp = self._given(site, "value") if site.value is not None else self._draw(key, site)
-        return self._trace(args, value, lp)
+        return self._trace(args, value, lp, site)
 
     def _assess(self, choices, args):
         site = self._site(args, "assess", _leaf(choices, self, "assess"))
         value, lp = self._given(site, "choice")
-        return lp, value
+        return lp, value if site.to_model is None else site.to_model(value)
 
     def _generate(self, key, constraints, args):
         given = None if constraints.is_empty else _leaf(constraints, self, "generate")
         site = self._site(args, "generate", given)
         if site.value is None:
             value, lp = self._draw(key, site)
-            return self._trace(args, value, lp), jnp.zeros(())
+            return self._trace(args, value, lp, site), jnp.zeros(())
         value, lp = self._given(site, "constraint")
-        return self._trace(args, value, lp), lp
+        return self._trace(args, value, lp, site), lp
 
     def _update(self, key, trace, constraints, args):
         given = None if constraints.is_empty else _leaf(constraints, self, "update")
@@ -244,15 +245,15 @@ class DistributionGF(GenerativeFunction):
         else:
             value, lp = self._given(site, "constraint")
             discard = ChoiceMap.leaf(trace.inner)
-        return self._trace(args, value, lp), lp - trace.score, discard
+        return self._trace(args, value, lp, site), lp - trace.score, discard
 
     def _regenerate(self, key, trace, selection, args):
         site = self._site(args, "regenerate")
         if () in selection:
             value, lp = self._draw(key, site)
-            return self._trace(args, value, lp), jnp.zeros(())
+            return self._trace(args, value, lp, site), jnp.zeros(())
         lp = site.scale * log_density(site.fn, trace.inner, check_support=True)
-        return self._trace(args, trace.inner, lp), lp - trace.score
+        return self._trace(args, trace.inner, lp, site), lp - trace.score
 
     def _project(self, trace, selection):
         return trace.score if () in selection else jnp.zeros(())

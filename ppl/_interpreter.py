@@ -190,7 +190,7 @@ class Run:
         else:
             value, lp = self.latent_free(site, old)
         self.records[address] = Choice(value, lp)
-        return value
+        return value if site.to_model is None else site.to_model(value)
 
     def checked(self, site: Site, what: str):
         """`(value, scaled log density)` of a value supplied from outside the model."""

@@ -59,8 +59,21 @@ class MaskGF(GenerativeFunction):
         return self._wrap(args, self.gen_fn.simulate(key, args[1:]))
 
     def _assess(self, choices, args):
-        lp, retval = self.gen_fn.assess(choices, args[1:])
-        return jnp.where(self._flag(args), lp, 0.0), retval
+        # lax.cond, not jnp.where: a masked-off body must add zero value and zero
+        # gradient, and the gradient of where(False, f(x), 0) is NaN wherever f' is
+        # infinite (jnp.sqrt at 0). Under vmap with a batched flag cond becomes a
+        # select, and that caveat returns (documented in `mask`).
+        def on():
+            return self.gen_fn.assess(choices, args[1:])
+
+        def off():  # the density is dropped, so no cotangent reaches the body
+            lp, retval = on()
+            return jnp.zeros_like(lp), retval
+
+        flag = args[0]
+        if isinstance(flag, (bool, int)):
+            return on() if flag else off()
+        return jax.lax.cond(self._flag(args), on, off)
 
     def _generate(self, key, constraints, args):
         tr, w = self.gen_fn.generate(key, constraints, args[1:])
@@ -111,6 +124,12 @@ class MaskGF(GenerativeFunction):
 
 def mask(gen_fn: GenerativeFunction) -> MaskGF:
     """`gen_fn` gated by a boolean first argument: call with args `(is_active, *args)`.
+
+    While `is_active` is False the function still runs (its trace keeps a static
+    shape) but adds nothing to the score, to `assess` or to any weight, and `assess`
+    passes no gradient into its body. One caveat: under `jax.vmap` with a batched
+    flag, JAX evaluates both sides, and the gradient of a masked-off density that is
+    singular at its placeholder values (jnp.sqrt at 0) can be NaN.
 
     >>> import numpyro.distributions as dist, ppl
     >>> @ppl.gen

@@ -47,9 +47,14 @@ class Site(NamedTuple):
       scale:   a multiplier of the site's log density or log weight (1.0 by default).
       method:  the GFI method running: "simulate", "assess", "generate", "update" or
                "regenerate".
+      to_model: latent sites only: None, or a function from the recorded value to the
+               value the model body receives. With `fn` replaced by a distribution over
+               another parameterization (`u` on the real line, say) and `to_model` the
+               map back (`x = t(u)`), the trace records `u` and scores it under `fn`
+               while the body goes on with `x` (a reparameterization).
 
-    Handlers return `site._replace(...)` to change `fn`, `value` or `scale`; the other
-    fields describe the call and are ignored if changed. Values inside `ppl.vmap` and
+    Handlers return `site._replace(...)` to change `fn`, `value`, `scale` or
+    `to_model`; the other fields describe the call and are ignored if changed. Values inside `ppl.vmap` and
     `ppl.scan` are per element or per step (the mapped axis is not visible).
     """
 
@@ -61,6 +66,7 @@ class Site(NamedTuple):
     value: Any
     scale: Any
     method: str
+    to_model: Any = None
 
 
 class SiteHandler:

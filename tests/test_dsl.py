@@ -51,7 +51,8 @@ def test_assess_generate_update_regenerate_values(key):
 
     # regenerate noise: slope and ys kept, weight = change in the unselected densities
     rtr, rw = regression.regenerate(jax.random.key(7), utr, ppl.select("noise"))
-    assert_close(rtr["slope"], 0.25) and assert_close(rtr["ys"], ys)
+    assert_close(rtr["slope"], 0.25)
+    assert_close(rtr["ys"], ys)
     assert not np.allclose(rtr["noise"], utr["noise"])
     expected = dist.Normal(0.25 * XS, rtr["noise"]).log_prob(ys).sum() - dist.Normal(
         0.25 * XS, utr["noise"]

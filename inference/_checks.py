@@ -1,0 +1,90 @@
+"""Checking concrete observations against their sites before an inference run is jitted.
+
+Inside the jitted run the constraints are traced, so the core can only give a bad value
+a log density of -inf. Called outside `jit`, an inference entry point first surveys the
+model's latent sites (one abstract trace per model signature, cached) with a recording
+`ppl.SiteHandler`, then checks each concrete constraint on the host: a non-finite value,
+a fractional value for a discrete site, or a value outside a support that does not
+depend on parameters, is an `ObservationError` naming the address.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from numpyro.distributions.constraints import Constraint
+
+import ppl
+from ppl.extend import combine, format_address, partition
+
+__all__ = ["check_constraint_values"]
+
+
+class _Survey(ppl.SiteHandler):
+    """Records, per latent path, the sample dtype and the support when it is static."""
+
+    def __init__(self):
+        self.sites: dict = {}
+
+    def process(self, site):
+        if site.kind == "latent":
+            d = site.fn
+            dtype = jax.eval_shape(d.sample, jax.random.key(0)).dtype
+            support = d.support if _is_static(d.support) else None
+            self.sites[site.path] = (dtype, support)
+        return site
+
+
+def _is_static(constraint) -> bool:
+    """True when the constraint holds no traced parameter (e.g. `positive`, `simplex`)."""
+    for v in getattr(constraint, "__dict__", {}).values():
+        if isinstance(v, jax.core.Tracer) or (isinstance(v, Constraint) and not _is_static(v)):
+            return False
+    return True
+
+
+_SURVEYS: dict = {}
+
+
+def _survey(model, args, constraints) -> dict:
+    dynamic, static = partition(args)
+    signature = (model, static, jax.tree.structure(constraints),
+                 tuple((jnp.shape(x), str(jnp.result_type(x))) for x in jax.tree.leaves((dynamic, constraints))))
+    if signature not in _SURVEYS:
+        survey = _Survey()
+        handled = ppl.handle(model, survey)
+        jax.eval_shape(
+            lambda k, dyn, cons: handled.generate(k, cons, combine(dyn, static)),
+            jax.random.key(0), dynamic, constraints,
+        )
+        _SURVEYS[signature] = survey.sites
+    return _SURVEYS[signature]
+
+
+def check_constraint_values(model, args: tuple, constraints: ppl.ChoiceMap, where: str) -> None:
+    """Raise `ObservationError` for a concrete constraint its site cannot take."""
+    items = [(a, v) for a, v in constraints.flat_items() if not isinstance(v, jax.core.Tracer)]
+    if not items:
+        return
+    sites = _survey(model, args, constraints)
+    for address, value in items:
+        dtype, support = sites.get(address, (None, None))
+        host = np.asarray(value)
+        if np.issubdtype(host.dtype, np.inexact) and not np.all(np.isfinite(host)):
+            raise ppl.ObservationError(
+                f"{where}: constraint {format_address(address)} has non-finite values. "
+                "Remove or impute them, or mask the missing entries in the model."
+            )
+        if dtype is not None and jnp.issubdtype(dtype, jnp.integer) and np.issubdtype(host.dtype, np.inexact):
+            if not np.all(host == np.round(host)):
+                raise ppl.ObservationError(
+                    f"{where}: constraint for site {format_address(address)} has non-integer values, "
+                    "but the site's distribution is over integers."
+                )
+        if support is not None and not bool(jnp.all(support(jnp.asarray(value)))):
+            raise ppl.ObservationError(
+                f"{where}: constraint for site {format_address(address)} lies outside the support "
+                f"of its distribution ({support}); its log density would be -inf."
+            )
