@@ -10,6 +10,8 @@ Run `python examples/tour.py` (about half a minute on a laptop CPU; `--quick` is
       its importance-sampling evidence against an exact Kalman filter
   (e) update / regenerate: one Metropolis-Hastings move written by hand, then a chain
   (f) a friendly error: a misspelled constraint address
+  (g) reinterpreting a model with site handlers: a deterministic site, tempering the
+      likelihood, and the unconstrained density HMC samples (checked by hand)
 
 Every section is a function `section(key, data, cfg)`; add new ones to SECTIONS.
 """
@@ -120,7 +122,7 @@ def section_importance(key, data, cfg):
     est_mean, est_sd = weighted_mean_sd(res.traces["slope"], res.normalized_weights())
     exact_mean, exact_sd = conjugate_slope_posterior(xs, ys, KNOWN_NOISE)
     print(f"known noise, slope posterior: estimate {float(est_mean):.4f} +- {float(est_sd):.4f}"
-          f"   exact {float(exact_mean):.4f} +- {float(exact_sd):.4f}")
+          f"   exact {float(exact_mean):.4f} +- {float(exact_sd):.4f}   ESS = {float(res.ess):.1f}")
 
 
 def section_combinators(key, data, cfg):
@@ -177,6 +179,41 @@ def section_errors(key, data, cfg):
         print(f"{type(err).__name__}: {err}")
 
 
+@ppl.gen
+def scale_model(ys):
+    log_noise = ppl.sample("log_noise", dist.Normal(0.0, 1.0))
+    noise = ppl.deterministic("noise", jnp.exp(log_noise))  # a named derived value
+    rate = ppl.sample("rate", dist.Exponential(1.0))
+    return ppl.sample("ys", dist.Normal(0.0, noise * rate).expand(ys.shape), obs=ys)
+
+
+class Temper(ppl.SiteHandler):
+    """Scale every observed site's log likelihood by beta (a tempered posterior)."""
+
+    def __init__(self, beta):
+        self.beta = beta
+
+    def process(self, site):
+        return site._replace(scale=site.scale * self.beta) if site.kind == "observed" else site
+
+
+def section_handlers(key, data, cfg):
+    ys = data["ys"][:5]
+    trace = scale_model.simulate(key, (ys,))
+    print(f"choices {sorted(a[0] for a in trace.choices.addresses())}; deterministic noise = "
+          f"{float(trace['noise']):.4f} = exp(log_noise) = {float(jnp.exp(trace['log_noise'])):.4f}")
+    tempered = ppl.handle(scale_model, Temper(0.5)).assess(trace.choices, (ys,))[0]
+    prior = dist.Normal(0.0, 1.0).log_prob(trace["log_noise"]) + dist.Exponential(1.0).log_prob(trace["rate"])
+    lik = dist.Normal(0.0, trace["noise"] * trace["rate"]).log_prob(ys).sum()
+    print(f"tempered (beta = 0.5) log density {float(tempered):.4f} = prior + 0.5 * likelihood "
+          f"{float(prior + 0.5 * lik):.4f}")
+    # HMC's density: rate = exp(u) on the real line, plus the log-Jacobian u.
+    u = inference.to_unconstrained(scale_model, (ys,), trace.choices)
+    lp = inference.unconstrained(scale_model).assess(u, (ys,))[0]
+    print(f"unconstrained log density {float(lp):.4f} = log density + log|d rate/du| "
+          f"{float(trace.score + u['rate']):.4f}")
+
+
 SECTIONS = [
     ("(a) a model: simulate, trace, assess", section_simulate),
     ("(b) generate: conditioning on observations", section_generate),
@@ -184,6 +221,7 @@ SECTIONS = [
     ("(d) combinators: vmap and scan", section_combinators),
     ("(e) update and regenerate: Metropolis-Hastings by hand", section_update_regenerate),
     ("(f) friendly errors", section_errors),
+    ("(g) site handlers: deterministic, tempering, the unconstrained density", section_handlers),
 ]
 
 

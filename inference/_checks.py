@@ -83,7 +83,11 @@ def check_constraint_values(model, args: tuple, constraints: ppl.ChoiceMap, wher
                     f"{where}: constraint for site {format_address(address)} has non-integer values, "
                     "but the site's distribution is over integers."
                 )
-        if support is not None and not bool(jnp.all(support(jnp.asarray(value)))):
+        if support is None:
+            continue
+        with jax.ensure_compile_time_eval():  # also when called inside a user's jit
+            inside = bool(jnp.all(support(jnp.asarray(value))))
+        if not inside:
             raise ppl.ObservationError(
                 f"{where}: constraint for site {format_address(address)} lies outside the support "
                 f"of its distribution ({support}); its log density would be -inf."

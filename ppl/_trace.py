@@ -41,14 +41,18 @@ class Trace:
     carry a leading particle axis: `traces["slope"].shape == (num_particles,)`.
     """
 
-    __slots__ = ("gen_fn", "args", "retval", "score", "inner")
+    __slots__ = ("gen_fn", "args", "retval", "score", "inner", "_static")
 
-    def __init__(self, gen_fn: GenerativeFunction, args: tuple, retval: Any, score, inner: Any):
+    def __init__(self, gen_fn: GenerativeFunction, args: tuple, retval: Any, score, inner: Any, _static=None):
         self.gen_fn = gen_fn
         self.args = args
         self.retval = retval
         self.score = score
         self.inner = inner
+        # Which argument leaves are structure, decided once from the real values: JAX
+        # rebuilds pytrees with placeholder leaves (axis specs, sentinels), which must
+        # keep the same structure.
+        self._static = partition(args)[1] if _static is None else _static
 
     @property
     def choices(self) -> ChoiceMap:
@@ -84,11 +88,14 @@ class Trace:
     # structure, as jax.jit's static arguments, so a trace carried through lax.scan (every
     # MCMC and SMC loop) keeps `n` in `dist.Normal(...).expand((n,))` a Python int.
     def tree_flatten(self):
-        dynamic, static = partition(self.args)
+        static = self._static
+        fixed = {i for i, _ in static.static_leaves}
+        leaves = jax.tree.leaves(self.args, is_leaf=lambda x: x is None)
+        dynamic = [leaf for i, leaf in enumerate(leaves) if i not in fixed]
         return (dynamic, self.retval, self.score, self.inner), (self.gen_fn, static)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         gen_fn, static = aux
         dynamic, retval, score, inner = children
-        return cls(gen_fn, combine(dynamic, static), retval, score, inner)
+        return cls(gen_fn, combine(dynamic, static), retval, score, inner, static)

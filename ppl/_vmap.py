@@ -79,7 +79,21 @@ class VmapGF(GenerativeFunction):
         check_leading_axis(choices, size, owner=self.__name__, what=what, axis="mapped axis")
 
     def _wrap(self, args, tr):
-        return Trace(self, args, tr.retval, jnp.sum(tr.score), tr)
+        # The stacked kernel trace keeps the combinator's args as given: an argument
+        # mapped with in_axes None (a slope shared by every point) is stored once, not
+        # broadcast to every element.
+        stacked = Trace(tr.gen_fn, args, tr.retval, tr.score, tr.inner)
+        return Trace(self, args, tr.retval, jnp.sum(tr.score), stacked)
+
+    def _map_elements(self, fn, trace, *operands, in_axes=()):
+        """`jax.vmap` of `fn(element_trace, *operands)` over the stacked kernel trace."""
+        stacked = trace.inner
+        parts = (stacked.retval, stacked.score, stacked.inner)
+
+        def one(p, a, *ops):
+            return fn(Trace(self.gen_fn, a, *p), *ops)
+
+        return jax.vmap(one, in_axes=(0, self._axes(trace.args)) + tuple(in_axes))(parts, trace.args, *operands)
 
     def _simulate(self, key, args):
         keys, key_axes = _keys.split(key, self._size(args))
@@ -102,19 +116,20 @@ class VmapGF(GenerativeFunction):
         n = self._size(args)
         self._check_stacked(constraints, n, "constraint")
         keys, key_axes = _keys.split(key, n)
-        tr, w, discard = jax.vmap(self.gen_fn.update, in_axes=(key_axes, 0, 0, self._axes(args)))(
-            keys, trace.inner, constraints, args
+        update = lambda old, k, c, a: self.gen_fn.update(k, old, c, a)  # noqa: E731
+        tr, w, discard = self._map_elements(
+            update, trace, keys, constraints, args, in_axes=(key_axes, 0, self._axes(args))
         )
         return self._wrap(args, tr), jnp.sum(w), discard
 
     def _regenerate(self, key, trace, selection, args):
         keys, key_axes = _keys.split(key, self._size(args))
-        step = lambda k, t, a: self.gen_fn._regenerate(k, t, selection, a)  # noqa: E731
-        tr, w = jax.vmap(step, in_axes=(key_axes, 0, self._axes(args)))(keys, trace.inner, args)
+        step = lambda old, k, a: self.gen_fn._regenerate(k, old, selection, a)  # noqa: E731
+        tr, w = self._map_elements(step, trace, keys, args, in_axes=(key_axes, self._axes(args)))
         return self._wrap(args, tr), jnp.sum(w)
 
     def _project(self, trace, selection):
-        return jnp.sum(jax.vmap(lambda t: self.gen_fn._project(t, selection))(trace.inner))
+        return jnp.sum(self._map_elements(lambda t: self.gen_fn._project(t, selection), trace))
 
     def _choices(self, trace):
         return trace.inner.choices

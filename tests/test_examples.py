@@ -1,5 +1,10 @@
-"""The examples run end to end: the tour script (the project's main job) and the notebook."""
+"""The examples run end to end: the tour script (the project's main job) and the notebook.
 
+The tour's printed numbers are checked against the exact answers it prints beside them.
+"""
+
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +31,42 @@ def test_tour_quick_runs_and_prints_every_section():
         "UnknownAddressError",
         "Did you mean 'slope'?",
         "tour finished",
+        "=== (g)",
     ]:
         assert expected in out, f"missing {expected!r} in tour output:\n{out}"
+    _check_tour_numbers(out)
+
+
+NUM = r"(-?\d+\.\d+)"
+
+
+def _numbers(pattern, out):
+    match = re.search(pattern, out)
+    assert match, f"no line matching {pattern!r} in tour output:\n{out}"
+    return [float(g) for g in match.groups()]
+
+
+def _check_tour_numbers(out):
+    # Conjugate slope posterior: the weighted mean of importance draws has s.e. about
+    # posterior sd / sqrt(ESS); 5 s.e. (false alarm ~6e-7; the seed is fixed anyway).
+    est, _, exact, exact_sd, ess = _numbers(
+        rf"estimate {NUM} \+- {NUM}\s+exact {NUM} \+- {NUM}\s+ESS = {NUM}", out)
+    assert abs(est - exact) < 5 * exact_sd / math.sqrt(ess)
+    # Evidence of the random walk: importance vs the Kalman filter. The log of an
+    # importance estimate has s.e. about sqrt(1/ESS - 1/N) (delta method); 5 s.e.
+    lm, kalman, ess, n = _numbers(rf"importance {NUM}\s+Kalman filter \(exact\) {NUM}\s+ESS = {NUM} of (\d+)", out)
+    assert abs(lm - kalman) < 5 * math.sqrt(1 / ess - 1 / n)
+    # Identities, to the printed precision.
+    vmap_lm, flat_lm = _numbers(rf"vmap model: log marginal {NUM} \(flat model, same key: {NUM}\)", out)
+    assert vmap_lm == flat_lm  # same particle keys, same sites: the same particles
+    w, diff = _numbers(rf"log weight {NUM} = new score - old score {NUM}", out)
+    assert abs(w - diff) <= 2e-3
+    noise, exp_log_noise = _numbers(rf"deterministic noise = {NUM} = exp\(log_noise\) = {NUM}", out)
+    assert noise == exp_log_noise
+    tempered, by_hand = _numbers(rf"tempered \(beta = 0.5\) log density {NUM} = prior \+ 0.5 \* likelihood {NUM}", out)
+    assert abs(tempered - by_hand) <= 1e-5 * abs(by_hand) + 1e-3
+    lp, by_hand = _numbers(rf"unconstrained log density {NUM} = log density \+ log\|d rate/du\| {NUM}", out)
+    assert abs(lp - by_hand) <= 1e-5 * abs(by_hand) + 1e-3
 
 
 def test_quickstart_notebook_executes():

@@ -203,3 +203,29 @@ def test_evidence_of_every_kind_matches_quadrature(key):
     res = inference.importance(key, every_kind, (0.5,), {}, 20_000)
     se = math.sqrt(1.0 / float(res.ess) - 1.0 / 20_000)
     assert abs(float(res.log_marginal) - exact) < 5 * se
+
+
+def test_importance_inside_a_users_jit_with_closed_over_observations(key):
+    @ppl.gen
+    def model():
+        rate = ppl.sample("rate", dist.Gamma(2.0, 2.0))
+        return ppl.sample("wait", dist.Exponential(rate).expand((3,)))
+
+    waits = jnp.array([0.5, 1.0, 2.0])  # a concrete constant inside the traced function
+    run = jax.jit(lambda k: inference.importance(k, model, (), {"wait": waits}, 64).log_marginal)
+    direct = inference.importance(key, model, (), {"wait": waits}, 64).log_marginal
+    assert_close(run(key), direct)
+
+
+@pytest.mark.slow
+def test_evidence_of_every_kind_matches_quadrature_thorough(key):
+    grid = np.linspace(-8, 8, 20001)
+    mu = jnp.asarray(grid)
+    integrand = jnp.exp(
+        dist.Normal(0.0, 1.0).log_prob(mu) + dist.Normal(mu, 1.0).log_prob(0.5) - 0.5 * mu**2
+        + 2.0 * jnp.log(jax.nn.sigmoid(mu)) + dist.Normal(mu, math.sqrt(2.0)).log_prob(0.25)
+    )
+    exact = math.log(float(jnp.sum(integrand)) * (grid[1] - grid[0]))
+    res = inference.importance(key, every_kind, (0.5,), {}, 1_000_000)
+    se = math.sqrt(1.0 / float(res.ess) - 1.0 / 1_000_000)
+    assert abs(float(res.log_marginal) - exact) < 5 * se
