@@ -9,7 +9,8 @@ density. It shares no code with `ppl`, so the core's densities, masks and combin
 sums are checked against it (STYLE §1; pyro tests itself against minipyro the same way).
 
 A model written against this module uses `ref.gen`, `ref.sample`, `ref.factor`,
-`ref.vmap`, `ref.scan` and `ref.switch` with the same signatures as `ppl`'s.
+`ref.reward`, `ref.vmap`, `ref.scan`, `ref.switch` and `ref.mask` with the same
+signatures as `ppl`'s.
 """
 
 from __future__ import annotations
@@ -53,6 +54,25 @@ def sample(address, fn, *args, obs=None):
 
 def factor(address, log_weight):
     _stack[-1]["terms"][address] = float(jnp.sum(log_weight))
+
+
+def reward(address, reward_fn, *inputs, beta=1.0):
+    r = reward_fn(*inputs)
+    _stack[-1]["terms"][address] = float(beta * np.log(np.asarray(r, dtype=np.float64)).sum())
+    return r
+
+
+class _Mask(_GF):
+    def __init__(self, inner):
+        self.inner = inner
+
+    def assess(self, choices, args):
+        total, terms, retval = self.inner.assess(choices, args[1:])
+        return (total, terms, retval) if args[0] else (0.0, {}, retval)
+
+
+def mask(inner):
+    return _Mask(inner)
 
 
 class _Vmap(_GF):

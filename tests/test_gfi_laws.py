@@ -3,8 +3,9 @@ against an independent reference implementation (`reference_gfi.py`).
 
 Models are built from a few distribution families (real, positive, unit-interval, count
 and binary valued, scalar or batched), each site's parameter driven by an earlier site,
-plus a factor, wrapped in one nesting pattern: flat, a nested call, `ppl.vmap`,
-`ppl.scan` or `ppl.switch`. The laws are identities, checked to float32 rounding:
+the model's argument or a constant; outer sites may be observed with `obs=`; plus a
+factor and a reward (`ppl.reward`), wrapped in one nesting pattern: flat, a nested call,
+`ppl.vmap`, `ppl.scan`, `ppl.switch` or `ppl.mask` (switched on or off). The laws are identities, checked to float32 rounding:
 
   score == assess(simulate().choices) == the reference log joint
   simulate / generate / update / regenerate traces share one pytree structure
@@ -30,7 +31,9 @@ import ppl
 import reference_gfi as ref
 
 FAMILIES = ("normal", "gamma", "beta", "poisson", "bernoulli")
-NESTINGS = ("flat", "call", "vmap", "scan", "switch")
+NESTINGS = ("flat", "call", "vmap", "scan", "switch", "mask")
+# A value in the support of each family, for sites observed with obs=.
+OBSERVED = {"normal": 0.3, "gamma": 1.2, "beta": 0.4, "poisson": 2, "bernoulli": 1}
 # CI draws 10 models per law; PPL_LAW_EXAMPLES=500 gives a thorough local run.
 LAWS = settings(max_examples=int(os.environ.get("PPL_LAW_EXAMPLES", 10)), deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -50,29 +53,48 @@ def _distribution(family, s, shape):
     return d.expand(shape) if shape else d
 
 
+def _parameter(parent, i, s0, values):
+    if parent == "const":
+        return 0.7
+    if parent is None or parent >= i:
+        return s0
+    return jnp.mean(jnp.asarray(values[parent], float))
+
+
 def _sites_fn(sites, lang):
-    """Body that samples `sites` [(family, parent, shape)], parent = index of an earlier site."""
+    """Body that samples `sites` [(family, parent, shape, observed)]: parent is the index
+    of an earlier site, None (the argument) or "const"; observed sites use obs=."""
 
     def body(s0):
         values = []
-        for i, (family, parent, shape) in enumerate(sites):
-            s = s0 if parent is None or parent >= i else jnp.mean(jnp.asarray(values[parent], float))
-            values.append(lang.sample(f"s{i}", _distribution(family, s, shape)))
+        for i, (family, parent, shape, observed) in enumerate(sites):
+            d = _distribution(family, _parameter(parent, i, s0, values), shape)
+            obs = jnp.full(shape, OBSERVED[family]) if observed else None
+            values.append(lang.sample(f"s{i}", d, obs=obs))
         return jnp.mean(jnp.asarray(values[-1], float))
 
     return body
 
 
-site = st.tuples(
-    st.sampled_from(FAMILIES),
-    st.one_of(st.none(), st.integers(0, 3)),
-    st.sampled_from([(), (2,)]),
-)
+def _site(observable):
+    return st.tuples(
+        st.sampled_from(FAMILIES),
+        st.one_of(st.none(), st.just("const"), st.integers(0, 3)),
+        st.sampled_from([(), (2,)]),
+        st.booleans() if observable else st.just(False),
+    )
+
+
+def observed_addresses(spec):
+    """Top-level addresses of the evidence terms: obs= sites, the factor, the reward."""
+    outer, _, _, with_factor, with_reward, _ = spec
+    names = [f"s{i}" for i, site in enumerate(outer) if site[3]]
+    return names + (["f"] if with_factor else []) + (["r"] if with_reward else [])
 
 
 def build(spec, lang):
     """The model of `spec` written in `lang` (the `ppl` module or the reference)."""
-    outer, inner, nesting, with_factor = spec
+    outer, inner, nesting, with_factor, with_reward, is_active = spec
     outer_body, inner_body = _sites_fn(outer, lang), _sites_fn(inner, lang)
 
     @lang.gen
@@ -100,8 +122,12 @@ def build(spec, lang):
         elif nesting == "switch":
             k = lang.sample("k", dist.Bernoulli(0.5))
             s = lang.sample("branch", lang.switch(inner_gf, other_branch), k, s)
+        elif nesting == "mask":
+            s = lang.sample("masked", lang.mask(inner_gf), is_active, s)
         if with_factor:
             lang.factor("f", -0.1 * s**2)
+        if with_reward:
+            lang.reward("r", jax.nn.sigmoid, s, beta=0.5)
         return s
 
     return model
@@ -110,9 +136,11 @@ def build(spec, lang):
 @st.composite
 def models(draw):
     spec = (
-        draw(st.lists(site, min_size=1, max_size=3)),
-        draw(st.lists(site, min_size=1, max_size=3)),
+        draw(st.lists(_site(observable=True), min_size=1, max_size=3)),
+        draw(st.lists(_site(observable=False), min_size=1, max_size=3)),
         draw(st.sampled_from(NESTINGS)),
+        draw(st.booleans()),
+        draw(st.booleans()),
         draw(st.booleans()),
     )
     model = build(spec, ppl)
@@ -127,6 +155,12 @@ def reference(model, trace_or_choices, args=None):
     args = trace_or_choices.args if args is None else args
     total, terms, _ = model.reference.assess(choices, args)
     return total, terms
+
+
+def subset(data, items, **kw):
+    """A drawn subset of `items` (empty when there is nothing to draw from)."""
+    items = list(items)
+    return data.draw(st.lists(st.sampled_from(items), unique=True, **kw)) if items else []
 
 
 def with_branch(chosen):
@@ -173,11 +207,11 @@ def test_score_and_assess_match_the_reference(model, seed):
 @given(models(), st.integers(0, 2**16), st.data())
 def test_generate_weight_is_the_constrained_density(model, seed, data):
     tr = model.simulate(jax.random.key(seed), ARGS)
-    chosen = with_branch(data.draw(st.lists(st.sampled_from(list(tr.choices)), unique=True)))
+    chosen = with_branch(subset(data, tr.choices))
     constraints = ppl.ChoiceMap({a: tr.choices[a] for a in chosen})
     gtr, w = model.generate(jax.random.key(seed + 1), constraints, ARGS)
     _, terms = reference(model, gtr)  # densities at the generated trace's values
-    close(w, sum(terms[a] for a in chosen) + terms.get("f", 0.0))
+    close(w, sum(terms[a] for a in chosen) + sum(terms[a] for a in observed_addresses(model.spec)))
     for a in chosen:
         same_choices(gtr.choices.get_submap(a), tr.choices.get_submap(a))
     same_structure(gtr, tr)
@@ -203,7 +237,7 @@ def test_partial_update_weight_is_the_score_ratio(model, seed, data):
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
     old, other = model.simulate(k1, ARGS), model.simulate(k2, ARGS)
     top = [a for a in old.choices if a not in ("k", "branch")]  # a branch flip draws afresh
-    chosen = data.draw(st.lists(st.sampled_from(top), unique=True, max_size=len(top)))
+    chosen = subset(data, top)
     constraints = ppl.ChoiceMap({a: other.choices[a] for a in chosen})
     utr, w, discard = model.update(k3, old, constraints, ARGS)
     close(w, reference(model, utr)[0] - reference(model, old)[0])
@@ -220,7 +254,7 @@ def test_regenerate_keeps_unselected_choices_and_weighs_them(model, seed, data):
     k1, k2 = jax.random.split(jax.random.key(seed))
     old = model.simulate(k1, ARGS)
     top = list(old.choices)
-    chosen = with_branch(data.draw(st.lists(st.sampled_from(top), unique=True, max_size=len(top))))
+    chosen = with_branch(subset(data, top))
     new, w = model.regenerate(k2, old, ppl.select(*chosen))
     same_structure(new, old)
     for a in top:
@@ -231,7 +265,7 @@ def test_regenerate_keeps_unselected_choices_and_weighs_them(model, seed, data):
     close(w, sum(new_terms[a] - old_terms[a] for a in new_terms if a not in chosen))
     close(new.score, sum(new_terms.values()))
     none = ppl.Selection.none()
-    close(model.project(new, none), new_terms.get("f", 0.0))
+    close(model.project(new, none), sum(new_terms[a] for a in observed_addresses(model.spec)))
 
 
 @LAWS
