@@ -15,12 +15,13 @@ from . import _keys
 from ._choicemap import ChoiceMap, check_leading_axis
 from ._errors import ArgumentError
 from ._gfi import GenerativeFunction
+from ._stacked import StackedGF
 from ._trace import Trace
 
 __all__ = ["scan", "ScanGF"]
 
 
-class ScanGF(GenerativeFunction):
+class ScanGF(StackedGF):
     """`kernel` applied `length` times, threading the carry."""
 
     def __init__(self, kernel: GenerativeFunction, length: int | None = None):
@@ -29,6 +30,7 @@ class ScanGF(GenerativeFunction):
         if length is not None and (not isinstance(length, int) or length < 0):
             raise ArgumentError(f"ppl.scan: length must be a non-negative int, got {length!r}")
         self.kernel = kernel
+        self.element = kernel
         self.length = length
         self.__name__ = f"scan({kernel.__name__})"
 
@@ -171,15 +173,6 @@ class ScanGF(GenerativeFunction):
     def _project(self, trace, selection):
         return jnp.sum(jax.vmap(lambda t: self.kernel._project(t, selection))(trace.inner))
 
-    def _choices(self, trace):
-        return trace.inner.choices
-
-    def _lookup(self, trace, path):
-        return self.kernel._lookup(trace.inner, path)
-
-    def _site_scores(self, trace, path):
-        for address, score in self.kernel._site_scores(trace.inner, path):
-            yield address, jnp.sum(score, axis=-1)
 
 
 def scan(kernel: GenerativeFunction, length: int | None = None) -> ScanGF:

@@ -55,36 +55,27 @@ class Selection:
         return _NONE
 
 
-class _AllSel(Selection):
+class _ConstantSel(Selection):
+    """Every address (`selected=True`) or none."""
+
+    def __init__(self, selected: bool):
+        self._selected = selected
+
     def __contains__(self, address):
-        return True
+        return self._selected
 
     def _any_below(self, address):
-        return True
+        return self._selected
 
     def submap(self, key):
         return self
 
     def __repr__(self):
-        return "Selection.all()"
+        return "Selection.all()" if self._selected else "Selection.none()"
 
 
-class _NoneSel(Selection):
-    def __contains__(self, address):
-        return False
-
-    def _any_below(self, address):
-        return False
-
-    def submap(self, key):
-        return self
-
-    def __repr__(self):
-        return "Selection.none()"
-
-
-_ALL = _AllSel()
-_NONE = _NoneSel()
+_ALL = _ConstantSel(True)
+_NONE = _ConstantSel(False)
 
 
 class _AddressSel(Selection):
@@ -93,24 +84,22 @@ class _AddressSel(Selection):
     def __init__(self, trie: dict):
         self._trie = trie
 
-    def __contains__(self, address):
+    def _walk(self, address):
+        """The trie node at `address`: True (selected at or above it), None (absent) or a dict."""
         node = self._trie
         for part in normalize_address(address):
             if node is True:
                 return True
             if part not in node:
-                return False
+                return None
             node = node[part]
-        return node is True
+        return node
+
+    def __contains__(self, address):
+        return self._walk(address) is True
 
     def _any_below(self, address):
-        node = self._trie
-        for part in normalize_address(address):
-            if node is True:
-                return True
-            if part not in node:
-                return False
-            node = node[part]
+        node = self._walk(address)
         return node is True or bool(node)  # a selected leaf, or a non-empty sub-trie
 
     def _named_paths(self):

@@ -15,6 +15,7 @@ from . import _keys
 from ._choicemap import ChoiceMap, check_leading_axis
 from ._errors import ArgumentError
 from ._gfi import GenerativeFunction
+from ._stacked import StackedGF
 from ._trace import Trace
 
 __all__ = ["vmap", "VmapGF"]
@@ -28,13 +29,14 @@ def _freeze(x):
     return x
 
 
-class VmapGF(GenerativeFunction):
+class VmapGF(StackedGF):
     """`gen_fn` mapped over axis `in_axes` of its args (as `jax.vmap`'s `in_axes`)."""
 
     def __init__(self, gen_fn: GenerativeFunction, in_axes=0):
         if not isinstance(gen_fn, GenerativeFunction):
             raise ArgumentError(f"ppl.vmap expects a generative function, got {type(gen_fn).__name__}")
         self.gen_fn = gen_fn
+        self.element = gen_fn
         self.in_axes = _freeze(in_axes)
         self.__name__ = f"vmap({gen_fn.__name__})"
 
@@ -131,15 +133,6 @@ class VmapGF(GenerativeFunction):
     def _project(self, trace, selection):
         return jnp.sum(self._map_elements(lambda t: self.gen_fn._project(t, selection), trace))
 
-    def _choices(self, trace):
-        return trace.inner.choices
-
-    def _lookup(self, trace, path):
-        return self.gen_fn._lookup(trace.inner, path)
-
-    def _site_scores(self, trace, path):
-        for address, score in self.gen_fn._site_scores(trace.inner, path):
-            yield address, jnp.sum(score, axis=-1)
 
 
 def vmap(gen_fn: GenerativeFunction, in_axes=0) -> VmapGF:
