@@ -37,7 +37,7 @@ from jax.extend.random import define_prng_impl, threefry_2x32
 
 from ._errors import ArgumentError
 
-__all__ = ["ParticleKey", "particle_key", "is_key", "site_key", "fold", "split", "step_keys", "draw", "as_jax_key"]
+__all__ = ["ParticleKey", "particle_key", "is_key", "site_key", "fold", "split", "step_key", "draw", "as_jax_key"]
 
 _U32 = jnp.uint32
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -186,12 +186,15 @@ def split(key, n: int):
     return jax.random.split(key, n), 0
 
 
-def step_keys(key, n: int):
-    """`(xs, rebuild)`: per-step key material to scan over, and `rebuild(x) -> key`."""
+def step_key(key, t):
+    """The key of step `t` (an integer, traced or not) of a scan run under `key`.
+
+    One hash per step whatever `t` is, so stepping a scan one step at a time costs the
+    same at every step; under a particle key the hash is shared by the batch.
+    """
     if isinstance(key, ParticleKey):
-        index = key.index
-        return jax.random.split(key.key, n), lambda k: ParticleKey(k, index)
-    return jax.random.split(key, n), lambda k: k
+        return ParticleKey(jax.random.fold_in(key.key, t), key.index)
+    return jax.random.fold_in(key, t)
 
 
 # ----------------------------------------------------------------------------------------

@@ -2,8 +2,14 @@
 
 The standard form of a state-space model: called with args `(init_carry, xs)` (`xs`
 may be None when `length` is given), it returns `(final_carry, ys)`. Step `t` draws
-from `split(key, length)[t]`; the trace holds the kernel traces stacked over steps, so
-choices carry a leading time axis.
+from `fold_in(key, t)`; the trace holds the kernel traces stacked over steps, so
+choices carry a leading time axis, and so do constraints: `{"y": ys}` with
+`ys.shape == (T, ...)` constrains `y` at every step.
+
+A scan can also be advanced one step at a time (what a particle filter does):
+`scan.step(key, t, carry, x, constraints_t)` runs step `t` alone, with the key the
+whole run would give it, at a cost independent of `t`; `scan.assemble(args, steps)`
+turns the stacked step traces back into the scan's trace.
 """
 
 from __future__ import annotations
@@ -98,14 +104,12 @@ class ScanGF(StackedGF):
         carry, xs = args
         length = self.num_steps(args)
 
-        keys, rebuild = _keys.step_keys(key, length)
-
-        def step(c, kx):
-            k, x = kx
-            tr = self.kernel.simulate(rebuild(k), (c, x))
+        def step(c, tx):
+            t, x = tx
+            tr = self.kernel.simulate(_keys.step_key(key, t), (c, x))
             return self._split_retval(tr.retval)[0], tr
 
-        final, trs = self._scan(step, carry, (keys, xs), length)
+        final, trs = self._scan(step, carry, (jnp.arange(length), xs), length)
         return self._wrap(args, final, trs)
 
     def _assess(self, choices, args):
@@ -127,14 +131,12 @@ class ScanGF(StackedGF):
         length = self.num_steps(args)
         self._check_stacked(constraints, length, "constraint")
 
-        keys, rebuild = _keys.step_keys(key, length)
-
-        def step(c, kcx):
-            k, cons, x = kcx
-            tr, w = self.kernel.generate(rebuild(k), cons, (c, x))
+        def step(c, tcx):
+            t, cons, x = tcx
+            tr, w = self.kernel.generate(_keys.step_key(key, t), cons, (c, x))
             return self._split_retval(tr.retval)[0], (tr, w)
 
-        final, (trs, ws) = self._scan(step, carry, (keys, constraints, xs), length)
+        final, (trs, ws) = self._scan(step, carry, (jnp.arange(length), constraints, xs), length)
         return self._wrap(args, final, trs), jnp.sum(ws)
 
     def _update(self, key, trace, constraints, args):
@@ -146,32 +148,54 @@ class ScanGF(StackedGF):
             )
         self._check_stacked(constraints, length, "constraint")
 
-        keys, rebuild = _keys.step_keys(key, length)
-
-        def step(c, ktcx):
-            k, old, cons, x = ktcx
-            tr, w, discard = self.kernel.update(rebuild(k), old, cons, (c, x))
+        def step(c, ttcx):
+            t, old, cons, x = ttcx
+            tr, w, discard = self.kernel.update(_keys.step_key(key, t), old, cons, (c, x))
             return self._split_retval(tr.retval)[0], (tr, w, discard)
 
-        final, (trs, ws, discard) = self._scan(step, carry, (keys, trace.inner, constraints, xs), length)
+        final, (trs, ws, discard) = self._scan(
+            step, carry, (jnp.arange(length), trace.inner, constraints, xs), length
+        )
         return self._wrap(args, final, trs), jnp.sum(ws), discard
 
     def _regenerate(self, key, trace, selection, args):
         carry, xs = args
         length = self.num_steps(args)
 
-        keys, rebuild = _keys.step_keys(key, length)
-
-        def step(c, ktx):
-            k, old, x = ktx
-            tr, w = self.kernel._regenerate(rebuild(k), old, selection, (c, x))
+        def step(c, ttx):
+            t, old, x = ttx
+            tr, w = self.kernel._regenerate(_keys.step_key(key, t), old, selection, (c, x))
             return self._split_retval(tr.retval)[0], (tr, w)
 
-        final, (trs, ws) = self._scan(step, carry, (keys, trace.inner, xs), length)
+        final, (trs, ws) = self._scan(step, carry, (jnp.arange(length), trace.inner, xs), length)
         return self._wrap(args, final, trs), jnp.sum(ws)
 
     def _project(self, trace, selection):
         return jnp.sum(jax.vmap(lambda t: self.kernel._project(t, selection))(trace.inner))
+
+    # -- one step at a time -----------------------------------------------------------
+    def step(self, key, t, carry, x=None, constraints=None):
+        """Run step `t` alone: the kernel's `generate` at `(carry, x)` with this step's
+        `constraints`, under the key step `t` of `self.generate(key, ...)` would use.
+
+        Returns `(step_trace, log_weight, new_carry)`. The cost does not depend on `t`,
+        so a filter that calls it for t = 0..T-1 (inside `lax.scan`, `t` traced) is
+        linear in T. Stacking the step traces over t and passing them to `assemble`
+        gives the trace `generate` would have returned.
+        """
+        tr, w = self.kernel.generate(_keys.step_key(key, t), constraints, (carry, x))
+        return tr, w, self._split_retval(tr.retval)[0]
+
+    def assemble(self, args, steps: Trace) -> Trace:
+        """The scan's trace from its step traces stacked along a leading time axis."""
+        length = self.num_steps(args)
+        if jnp.shape(steps.score)[:1] != (length,):
+            raise ArgumentError(
+                f"{self.__name__}.assemble: expected step traces stacked over {length} steps, got "
+                f"scores of shape {jnp.shape(steps.score)}."
+            )
+        final = jax.tree.map(lambda leaf: leaf[-1], self._split_retval(steps.retval)[0])
+        return self._wrap(args, final, steps)
 
 
 

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 import pytest
 from conftest import assert_close
@@ -218,3 +219,44 @@ def test_vmap_in_axes_may_be_a_prefix_of_an_argument(key):
     tr = ppl.vmap(shifted, in_axes=({"x": 0, "offset": None},)).simulate(key, (data,))
     assert tr["y"].shape == (4,)
     assert_close(tr.score, dist.Normal(jnp.arange(4.0) + 1.0, 1.0).log_prob(tr["y"]).sum())
+
+
+def test_scan_advanced_one_step_at_a_time_reproduces_generate(key):
+    """A batch of particles stepped through the scan (what a particle filter does) gives
+    the same traces and weights as `generate` of the whole scan, bit for bit."""
+
+    @ppl.gen
+    def lg_step(z, _):
+        z = ppl.sample("z", dist.Normal(0.9 * z, 1.0))
+        ppl.sample("y", dist.Normal(z, 0.5))
+        return z, z
+
+    T, n = 6, 5
+    chain = ppl.scan(lg_step, length=T)
+    ys = jnp.sin(jnp.arange(T, dtype=jnp.float32))
+
+    def whole(i):
+        return chain.generate(ppl.particle_key(key, i), {"y": ys}, (0.0, None))
+
+    def stepped(i):
+        k = ppl.particle_key(key, i)
+
+        def body(z, t_y):
+            t, y = t_y
+            tr, w, z = chain.step(k, t, z, None, {"y": y})
+            return z, (tr, w)
+
+        _, (steps, ws) = jax.lax.scan(body, jnp.float32(0.0), (jnp.arange(T), ys))
+        return chain.assemble((0.0, None), steps), jnp.sum(ws)
+
+    (tr_a, w_a), (tr_b, w_b) = jax.vmap(whole)(jnp.arange(n)), jax.vmap(stepped)(jnp.arange(n))
+    np.testing.assert_array_equal(tr_a["z"], tr_b["z"])
+    assert_close(w_a, w_b)
+    assert_close(tr_a.score, tr_b.score)
+    assert_close(tr_a.retval[0], tr_b.retval[0])
+    # the cost of a step does not grow with the length of the scan
+    sizes = [len(jax.make_jaxpr(lambda: ppl.scan(lg_step, length=L).step(key, 3, 0.0, None, {"y": 1.0}))().eqns)
+             for L in (10, 1000)]
+    assert sizes[0] == sizes[1]
+    with pytest.raises(ppl.ArgumentError, match="stacked over 6 steps"):
+        chain.assemble((0.0, None), jax.tree.map(lambda x: x[:3], tr_b.inner))
