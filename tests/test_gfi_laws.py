@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import ppl
@@ -143,10 +143,31 @@ def models(draw):
         draw(st.booleans()),
         draw(st.booleans()),
     )
+    return model_of(spec)
+
+
+def model_of(spec):
+    """The `ppl` model of `spec`, with its reference twin and the spec attached."""
     model = build(spec, ppl)
     model.reference = build(spec, ref)
     model.spec = spec  # shown by hypothesis on failure
     return model
+
+
+# Always-run examples, so that every site kind and both mask states are in each CI run
+# whatever the random draw: (outer sites, inner sites, nesting, factor, reward, is_active).
+_OBSERVED_GAMMA = ("gamma", "const", (2,), True)
+EXAMPLES = [
+    model_of(([("normal", None, (), False), _OBSERVED_GAMMA], [("beta", None, (), False)], "mask", True, True, False)),
+    model_of(([("poisson", "const", (), False)], [("normal", 0, (2,), False)], "mask", False, True, True)),
+    model_of(([("normal", None, (), False), ("bernoulli", 0, (), True)], [("gamma", None, (), False)], "switch", True, False, True)),
+]
+
+
+def with_examples(test):
+    for model in EXAMPLES:
+        test = example(model, 3)(test)
+    return test
 
 
 def reference(model, trace_or_choices, args=None):
@@ -193,6 +214,7 @@ def same_choices(a, b):
 
 @LAWS
 @given(models(), st.integers(0, 2**16))
+@with_examples
 def test_score_and_assess_match_the_reference(model, seed):
     tr = model.simulate(jax.random.key(seed), ARGS)
     truth, _ = reference(model, tr)
@@ -221,6 +243,7 @@ def test_generate_weight_is_the_constrained_density(model, seed, data):
 
 @LAWS
 @given(models(), st.integers(0, 2**16))
+@with_examples
 def test_update_to_another_trace_weight_is_the_score_ratio(model, seed):
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
     old, new = model.simulate(k1, ARGS), model.simulate(k2, ARGS)
