@@ -1,7 +1,7 @@
-"""smc: particle filters, tempered SMC and LLM inference-time scaling on the `ppl` core
-(DESIGN.md, "smc").
+"""smc: particle filters, tempered SMC and LLM inference-time scaling on the `ppl` core.
 
-Not yet implemented; tracked as its own issue, which builds on the traced core.
+Not yet implemented; tracked as its own issue. It builds on `ppl.scan`'s step-at-a-time
+interface (`ScanGF.step` / `assemble`) and on `ppl.particle_key`.
 """
 
 __all__: list[str] = []

@@ -6,7 +6,7 @@ choices, `assess(model, choices, args) -> (total, per_address, retval)`, where
 sub-tree) and the factors. Python loops for `vmap`/`scan`, a Python `if` on a concrete
 index for `switch`, numpyro's own `log_prob` with its default validation for every
 density. It shares no code with `ppl`, so the core's densities, masks and combinator
-sums are checked against it (STYLE §1; pyro tests itself against minipyro the same way).
+sums are checked against it (as pyro tests itself against minipyro).
 
 A model written against this module uses `ref.gen`, `ref.sample`, `ref.factor`,
 `ref.reward`, `ref.vmap`, `ref.scan`, `ref.switch` and `ref.mask` with the same

@@ -1,4 +1,4 @@
-"""Every docstring example in the packages runs (STYLE §6: examples are doctests)."""
+"""Every docstring example in the packages runs: examples are doctests."""
 
 import doctest
 import importlib

@@ -1,4 +1,4 @@
-"""Every user mistake named in DESIGN.md is caught at trace time with the address and a fix."""
+"""Every user mistake the core can detect is caught at trace time with the address and a fix."""
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,7 @@
-"""vi: programmable variational inference on the `ppl` core (DESIGN.md, "vi").
+"""vi: programmable variational inference on the `ppl` core.
 
-Not yet implemented; tracked as its own issue, which builds on the traced core.
+Not yet implemented; tracked as its own issue. Per-site gradient estimators will be
+site handlers (`ppl.handle`, `ppl.SiteHandler`) that wrap each guide site's distribution.
 """
 
 __all__: list[str] = []
