@@ -34,7 +34,7 @@ def log_joint(slope, noise, xs, ys):
     return norm.logpdf(slope) + halfnormal_logpdf(noise) + norm.logpdf(ys, slope * xs, noise).sum()
 
 
-def site_key(key, address):  # the framework's per-site key: fold_in(key, crc32(address))
+def site_key(key, address):  # one fold_in per site, as per-particle-key code written by hand does
     return jax.random.fold_in(key, zlib.crc32(address.encode()) & 0x7FFFFFFF)
 
 
