@@ -105,20 +105,28 @@ def test_addresses_whose_crc32_collide_draw_independently(key):
     assert abs(_corr(tr["msggzfqc"], tr["wtxykwych"])) < Z / math.sqrt(N)
 
 
-def test_many_random_address_pairs_draw_independently(key):
-    rng = np.random.default_rng(0)
-    names = sorted({"".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 8)) for _ in range(40)})
+def _max_cross_correlation(key, names, n):
+    """max |r| over pairs of sites at `names`, from `n` particles."""
 
     @ppl.gen
     def many():
-        return jnp.stack([ppl.sample(n, dist.Normal(0.0, 1.0)) for n in names])
+        return jnp.stack([ppl.sample(name, dist.Normal(0.0, 1.0)) for name in names])
 
-    draws = np.asarray(jax.jit(lambda k: _particles(many, k, 512))(key).retval)  # [512, sites]
+    draws = np.asarray(jax.jit(lambda k: _particles(many, k, n))(key).retval)  # [n, sites]
     r = np.corrcoef(draws.T)
-    off = np.abs(r[~np.eye(len(names), dtype=bool)])
+    return np.abs(r[~np.eye(len(names), dtype=bool)]).max()
+
+
+def _random_names(seed, count, alphabet, length):
+    rng = np.random.default_rng(seed)
+    return sorted({"".join(rng.choice(list(alphabet), length)) for _ in range(count)})
+
+
+def test_many_random_address_pairs_draw_independently(key):
+    names = _random_names(0, 40, "abcdefghijklmnopqrstuvwxyz", 8)
     # 780 pairs of N=512 draws: |r| has s.e. 0.044; 0.3 is 6.8 s.e. (p ~1e-11 per pair),
     # while two sites sharing a key would give r = 1.
-    assert off.max() < 0.3
+    assert _max_cross_correlation(key, names, 512) < 0.3
 
 
 FAMILIES = [
@@ -181,15 +189,6 @@ def test_particle_key_rejects_bad_input(key):
 
 @pytest.mark.slow
 def test_many_random_address_pairs_draw_independently_thorough(key):
-    rng = np.random.default_rng(1)
-    names = sorted({"".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz0123456789_"), 6)) for _ in range(300)})
-
-    @ppl.gen
-    def many():
-        return jnp.stack([ppl.sample(n, dist.Normal(0.0, 1.0)) for n in names])
-
-    draws = np.asarray(jax.jit(lambda k: _particles(many, k, 4096))(key).retval)
-    r = np.corrcoef(draws.T)
-    off = np.abs(r[~np.eye(len(names), dtype=bool)])
+    names = _random_names(1, 300, "abcdefghijklmnopqrstuvwxyz0123456789_", 6)
     # 45,000 pairs, N=4096: s.e. 0.0156; 0.12 is 7.7 s.e. (p ~1e-14 per pair).
-    assert off.max() < 0.12
+    assert _max_cross_correlation(key, names, 4096) < 0.12
