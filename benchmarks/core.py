@@ -65,6 +65,10 @@ Gradient benchmark:
   (default settings: validation on), differentiated w.r.t. slope, noise and xs like the
   others; `numpyro_novalidate` as above.
 
+Memory: freed memory is kept by the process (glibc `mallopt`), because with glibc's
+defaults a call's large buffers are page-faulted in afresh depending on what ran before
+it, which can double a jitted run's time; `--system-malloc` keeps the defaults.
+
 `--quick` runs every benchmark at small sizes (importance and importance_vmap N = 2,000,
 importance_scan N = 1,000 with T = 100, grad_assess batch 1 and 500) with few repeats.
 
@@ -483,7 +487,11 @@ def bench_grad(xs, ys, batch, repeats, warmup, number):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc at its defaults (see _common.keep_freed_memory)")
     a = p.parse_args(argv)
+    if not a.system_malloc and not _common.keep_freed_memory():
+        log("note: could not set glibc malloc options; timings include page faults")
     xs, ys = make_data(100)
     lgss_ys = make_lgss_data(SCAN_STEPS)
     flat = lambda n: regression_makers(regression, {"ys": ys}, numpyro_regression, xs, ys, n)  # noqa: E731

@@ -203,6 +203,11 @@ class GenFunction(GenerativeFunction):
         run, retval = self._run("regenerate", args, key=key, old=trace.inner, selection=selection)
         return self._trace(run, args, retval), run.weight()
 
+    _score_derivable = True
+
+    def _score_from_inner(self, inner):
+        return sum_terms(record_score(rec) for rec in inner.values())
+
     def _project(self, trace, selection):
         terms = []
         for address, rec in trace.inner.items():

@@ -159,6 +159,14 @@ class GenerativeFunction:
     def _choices(self, trace) -> ChoiceMap:
         raise NotImplementedError
 
+    # Whether `_score_from_inner` recomputes the score exactly from the trace's `inner`.
+    # Combinators that stack element traces (vmap, scan) then store no per-element score.
+    _score_derivable = False
+
+    def _score_from_inner(self, inner):
+        """The score of a trace of this function, recomputed from its `inner` record."""
+        raise NotImplementedError
+
     def _check_arity(self, args: tuple, method: str) -> None:
         """Raise `ArgumentError` if `args` cannot be the arguments of this function."""
 

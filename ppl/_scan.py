@@ -98,7 +98,7 @@ class ScanGF(StackedGF):
             ) from None
 
     def _wrap(self, args, final, trs):
-        return Trace(self, args, (final, trs.retval[1]), jnp.sum(trs.score), trs)
+        return Trace(self, args, (final, trs.retval[1]), jnp.sum(trs.score), self._stack(trs.args, trs))
 
     def _simulate(self, key, args):
         carry, xs = args
@@ -150,6 +150,7 @@ class ScanGF(StackedGF):
 
         def step(c, ttcx):
             t, old, cons, x = ttcx
+            old = self._element(old.args, old.retval, old.score, old.inner)
             tr, w, discard = self.kernel.update(_keys.step_key(key, t), old, cons, (c, x))
             return self._split_retval(tr.retval)[0], (tr, w, discard)
 
@@ -164,6 +165,7 @@ class ScanGF(StackedGF):
 
         def step(c, ttx):
             t, old, x = ttx
+            old = self._element(old.args, old.retval, old.score, old.inner)
             tr, w = self.kernel._regenerate(_keys.step_key(key, t), old, selection, (c, x))
             return self._split_retval(tr.retval)[0], (tr, w)
 
@@ -171,7 +173,10 @@ class ScanGF(StackedGF):
         return self._wrap(args, final, trs), jnp.sum(ws)
 
     def _project(self, trace, selection):
-        return jnp.sum(jax.vmap(lambda t: self.kernel._project(t, selection))(trace.inner))
+        def one(t):
+            return self.kernel._project(self._element(t.args, t.retval, t.score, t.inner), selection)
+
+        return jnp.sum(jax.vmap(one)(trace.inner))
 
     # -- one step at a time -----------------------------------------------------------
     def step(self, key, t, carry, x=None, constraints=None):
@@ -189,10 +194,11 @@ class ScanGF(StackedGF):
     def assemble(self, args, steps: Trace) -> Trace:
         """The scan's trace from its step traces stacked along a leading time axis."""
         length = self.num_steps(args)
-        if jnp.shape(steps.score)[:1] != (length,):
+        leading = {jnp.shape(leaf)[:1] for leaf in jax.tree.leaves(steps)}
+        if leading != {(length,)}:
             raise ArgumentError(
                 f"{self.__name__}.assemble: expected step traces stacked over {length} steps, got "
-                f"scores of shape {jnp.shape(steps.score)}."
+                f"leaves with leading axes {sorted(leading)}."
             )
         final = jax.tree.map(lambda leaf: leaf[-1], self._split_retval(steps.retval)[0])
         return self._wrap(args, final, steps)

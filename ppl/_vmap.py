@@ -84,8 +84,7 @@ class VmapGF(StackedGF):
         # The stacked kernel trace keeps the combinator's args as given: an argument
         # mapped with in_axes None (a slope shared by every point) is stored once, not
         # broadcast to every element.
-        stacked = Trace(tr.gen_fn, args, tr.retval, tr.score, tr.inner)
-        return Trace(self, args, tr.retval, jnp.sum(tr.score), stacked)
+        return Trace(self, args, tr.retval, jnp.sum(tr.score), self._stack(args, tr))
 
     def _map_elements(self, fn, trace, *operands, in_axes=()):
         """`jax.vmap` of `fn(element_trace, *operands)` over the stacked kernel trace."""
@@ -93,7 +92,7 @@ class VmapGF(StackedGF):
         parts = (stacked.retval, stacked.score, stacked.inner)
 
         def one(p, a, *ops):
-            return fn(Trace(self.gen_fn, a, *p), *ops)
+            return fn(self._element(a, *p), *ops)
 
         return jax.vmap(one, in_axes=(0, self._axes(trace.args)) + tuple(in_axes))(parts, trace.args, *operands)
 

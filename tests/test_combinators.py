@@ -260,3 +260,33 @@ def test_scan_advanced_one_step_at_a_time_reproduces_generate(key):
     assert sizes[0] == sizes[1]
     with pytest.raises(ppl.ArgumentError, match="stacked over 6 steps"):
         chain.assemble((0.0, None), jax.tree.map(lambda x: x[:3], tr_b.inner))
+
+
+def test_stacked_dsl_traces_keep_one_array_per_site(key):
+    """A vmap (or scan) of a DSL function stores each site's values and log densities, and
+    no second per-element score array: 100 observed points under 50 particles keep one
+    [50, 100] log-density array, and every method still sees the element scores."""
+
+    @ppl.gen
+    def point(x, slope):
+        return ppl.sample("y", dist.Normal(slope * x, 1.0))
+
+    @ppl.gen
+    def model(xs):
+        slope = ppl.sample("slope", dist.Normal(0.0, 1.0))
+        return ppl.sample("points", ppl.vmap(point, in_axes=(0, None)), xs, slope)
+
+    xs = jnp.linspace(-1.0, 1.0, 100)
+    ys = 0.5 * xs
+    trs, _ = jax.vmap(lambda k: model.generate(k, {("points", "y"): ys}, (xs,)))(jax.random.split(key, 50))
+    # jax.vmap broadcasts the shared leaves (xs, ys); count the ones that vary by particle
+    per_point = [leaf for leaf in jax.tree.leaves(trs) if leaf.shape == (50, 100) and jnp.any(leaf != leaf[0])]
+    assert len(per_point) == 1
+    tr = jax.tree.map(lambda leaf: leaf[0], trs)
+    exact = dist.Normal(0.0, 1.0).log_prob(tr["slope"]) + jnp.sum(dist.Normal(tr["slope"] * xs, 1.0).log_prob(ys))
+    assert_close(tr.score, exact)
+    # update moves the slope: every element's old score enters the weight
+    new, w, _ = model.update(key, tr, {"slope": 1.0}, (xs,))
+    new_exact = dist.Normal(0.0, 1.0).log_prob(1.0) + jnp.sum(dist.Normal(xs, 1.0).log_prob(ys))
+    assert_close(w, new_exact - exact, rtol=1e-5)
+    assert_close(new.score, new_exact)
