@@ -9,7 +9,8 @@ choices carry a leading time axis, and so do constraints: `{"y": ys}` with
 A scan can also be advanced one step at a time (what a particle filter does):
 `scan.step(key, t, carry, x, constraints_t)` runs step `t` alone, with the key the
 whole run would give it, at a cost independent of `t`; `scan.assemble(args, steps)`
-turns the stacked step traces back into the scan's trace.
+turns the stacked step traces back into the scan's trace. `update` re-runs only the
+steps whose inputs (carry, x) or constraint values changed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from . import _keys
 from ._choicemap import ChoiceMap, check_leading_axis
 from ._errors import ArgumentError
 from ._gfi import GenerativeFunction
+from ._selection import select
 from ._stacked import StackedGF
 from ._trace import Trace
 
@@ -151,13 +153,50 @@ class ScanGF(StackedGF):
         def step(c, ttcx):
             t, old, cons, x = ttcx
             old = self._element(old.args, old.retval, old.score, old.inner)
-            tr, w, discard = self.kernel.update(_keys.step_key(key, t), old, cons, (c, x))
+            tr, w, discard = self._update_step(_keys.step_key(key, t), old, cons, (c, x))
             return self._split_retval(tr.retval)[0], (tr, w, discard)
 
         final, (trs, ws, discard) = self._scan(
             step, carry, (jnp.arange(length), trace.inner, constraints, xs), length
         )
         return self._wrap(args, final, trs), jnp.sum(ws), discard
+
+    def _update_step(self, key, old: Trace, cons: ChoiceMap, args: tuple):
+        """The kernel's update at one step, skipped where nothing it depends on changed.
+
+        A step whose inputs `(carry, x)` equal the old step's and whose constraints equal
+        the old values at their addresses gets back the old step trace, weight 0 and the
+        old values as its discard: exactly what the kernel's update returns then, since
+        with the same inputs no site is redrawn. The test runs on values (`lax.cond`), so
+        changing one observation of a long scan re-runs that step and the steps its carry
+        reaches, not all of them. (Under a batch of particles with a per-particle test,
+        `vmap` turns the `cond` into a select that runs both branches.)
+        """
+
+        def redo(_):
+            return self.kernel.update(key, old, cons, args)
+
+        shapes = jax.eval_shape(redo, None)
+        paths = cons.addresses()
+        old_choices = old.choices
+        kept_discard = old_choices.filter(select(*paths))
+        same_structure = all(p in old_choices for p in paths) and (
+            jax.tree.structure(kept_discard) == jax.tree.structure(shapes[2])
+            and jax.tree.structure(old) == jax.tree.structure(shapes[0])
+        )
+        if not same_structure:
+            return redo(None)
+
+        def keep(_):
+            out = (old, jnp.zeros(()), kept_discard)
+            return jax.tree.map(lambda v, s: jnp.asarray(v, s.dtype), out, shapes)
+
+        new_in, old_in = jax.tree.leaves(args), jax.tree.leaves(old.args)
+        if len(new_in) != len(old_in):
+            return redo(None)
+        unchanged = [jnp.all(a == b) for a, b in zip(new_in, old_in)]
+        unchanged += [jnp.all(cons[p] == old_choices[p]) for p in paths]
+        return jax.lax.cond(jnp.all(jnp.stack(unchanged)) if unchanged else True, keep, redo, None)
 
     def _regenerate(self, key, trace, selection, args):
         carry, xs = args
