@@ -15,16 +15,8 @@ from ._choicemap import ChoiceMap
 from ._selection import Selection, select
 from ._distribution import DistributionGF, distribution
 from ._dsl import GenFunction, deterministic, factor, gen, reward, sample
-from ._errors import (
-    AddressError,
-    ArgumentError,
-    ControlFlowError,
-    DuplicateAddressError,
-    InferenceError,
-    ObservationError,
-    PPLError,
-    UnknownAddressError,
-)
+from . import _errors
+from ._errors import *  # noqa: F403 - the error classes, listed in _errors.__all__
 from ._gfi import GenerativeFunction
 from ._keys import ParticleKey, particle_key
 from ._mask import MaskGF, mask
@@ -68,13 +60,5 @@ __all__ = [
     "SwitchGF",
     "MaskGF",
     "HandledGF",
-    # errors
-    "PPLError",
-    "AddressError",
-    "DuplicateAddressError",
-    "UnknownAddressError",
-    "ObservationError",
-    "ArgumentError",
-    "ControlFlowError",
-    "InferenceError",
 ]
+__all__ += _errors.__all__  # PPLError and its subclasses

@@ -190,6 +190,30 @@ class GenerativeFunction:
         )
 
 
+class Combinator(GenerativeFunction):
+    """A generative function built from other parts (`ppl.vmap(f)`, `ppl.switch(f, g)`, ...).
+
+    Two built from equal parts are equal and hash alike, so that `ppl.vmap(f)` written
+    twice is one function to `jax.jit`'s caches (the function is part of a trace's static
+    structure). Subclasses say what their parts are."""
+
+    def _parts(self) -> tuple:
+        raise NotImplementedError
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other._parts() == self._parts()
+
+    def __hash__(self):
+        def hashable(part):
+            try:
+                hash(part)
+            except TypeError:
+                return repr(part)
+            return part
+
+        return hash((type(self),) + tuple(hashable(p) for p in self._parts()))
+
+
 def _where(gen_fn, method: str) -> str:
     """How messages name the call: 'model.simulate', or an inference entry point's name."""
     return method if "." in method or gen_fn is None else f"{gen_fn.__name__}.{method}"

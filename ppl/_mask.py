@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from ._selection import Selection
 from ._errors import ArgumentError
-from ._gfi import GenerativeFunction
+from ._gfi import Combinator, GenerativeFunction
 from ._trace import Trace
 
 __all__ = ["mask", "MaskGF"]
@@ -23,7 +23,7 @@ def _where(flag, a, b):
     return jax.tree.map(lambda x, y: jnp.where(flag, x, y), a, b)
 
 
-class MaskGF(GenerativeFunction):
+class MaskGF(Combinator):
     """`gen_fn` whose density and weights count only while the flag is on."""
 
     def __init__(self, gen_fn: GenerativeFunction):
@@ -32,11 +32,8 @@ class MaskGF(GenerativeFunction):
         self.gen_fn = gen_fn
         self.__name__ = f"mask({gen_fn.__name__})"
 
-    def __eq__(self, other):
-        return type(other) is MaskGF and other.gen_fn == self.gen_fn
-
-    def __hash__(self):
-        return hash((MaskGF, self.gen_fn))
+    def _parts(self):
+        return (self.gen_fn,)
 
     def _check_arity(self, args, method):
         if not args:

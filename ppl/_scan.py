@@ -42,11 +42,8 @@ class ScanGF(StackedGF):
         self.length = length
         self.__name__ = f"scan({kernel.__name__})"
 
-    def __eq__(self, other):
-        return type(other) is ScanGF and other.kernel == self.kernel and other.length == self.length
-
-    def __hash__(self):
-        return hash((ScanGF, self.kernel, self.length))
+    def _parts(self):
+        return (self.kernel, self.length)
 
     def _check_arity(self, args, method):
         if len(args) != 2:

@@ -21,7 +21,7 @@ import threading
 from typing import Any, NamedTuple
 
 from ._errors import ArgumentError
-from ._gfi import GenerativeFunction
+from ._gfi import Combinator, GenerativeFunction
 from ._trace import Trace
 
 __all__ = ["Site", "SiteHandler", "handle", "HandledGF", "KINDS"]
@@ -127,7 +127,7 @@ def apply_handlers(site: Site) -> Site:
     return site._replace(path=full)
 
 
-class HandledGF(GenerativeFunction):
+class HandledGF(Combinator):
     """`gen_fn` with `handler` applied to each of its sites (see `handle`)."""
 
     def __init__(self, gen_fn: GenerativeFunction, handler: SiteHandler):
@@ -135,11 +135,8 @@ class HandledGF(GenerativeFunction):
         self.handler = handler
         self.__name__ = f"handle({gen_fn.__name__}, {type(handler).__name__})"
 
-    def __eq__(self, other):
-        return type(other) is HandledGF and other.gen_fn == self.gen_fn and other.handler is self.handler
-
-    def __hash__(self):
-        return hash((HandledGF, self.gen_fn, id(self.handler)))
+    def _parts(self):
+        return (self.gen_fn, id(self.handler))  # the handler object itself, not its value
 
     def _check_arity(self, args, method):
         self.gen_fn._check_arity(args, method)

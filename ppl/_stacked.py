@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ._gfi import GenerativeFunction
+from ._gfi import Combinator, GenerativeFunction
 from ._trace import Trace
 
 __all__ = ["StackedGF"]
 
 
-class StackedGF(GenerativeFunction):
+class StackedGF(Combinator):
     """Base of combinators whose trace stacks the traces of `self.element`."""
 
     element: GenerativeFunction

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from ._choicemap import ChoiceMap
 from ._selection import Selection, select
 from ._errors import AddressError, ArgumentError, UnknownAddressError, format_address
-from ._gfi import GenerativeFunction
+from ._gfi import Combinator, GenerativeFunction
 from ._trace import Trace
 
 __all__ = ["switch", "SwitchGF"]
@@ -63,7 +63,7 @@ def switch(*branches: GenerativeFunction) -> SwitchGF:
     return SwitchGF(*branches)
 
 
-class SwitchGF(GenerativeFunction):
+class SwitchGF(Combinator):
     """One of `branches`, chosen by the first argument."""
 
     def __init__(self, *branches: GenerativeFunction):
@@ -77,11 +77,8 @@ class SwitchGF(GenerativeFunction):
         self.branches = tuple(branches)
         self.__name__ = f"switch({', '.join(b.__name__ for b in branches)})"
 
-    def __eq__(self, other):
-        return type(other) is SwitchGF and other.branches == self.branches
-
-    def __hash__(self):
-        return hash((SwitchGF, self.branches))
+    def _parts(self):
+        return self.branches
 
     def _check_arity(self, args, method):
         if not args:

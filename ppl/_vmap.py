@@ -40,11 +40,8 @@ class VmapGF(StackedGF):
         self.in_axes = _freeze(in_axes)
         self.__name__ = f"vmap({gen_fn.__name__})"
 
-    def __eq__(self, other):
-        return type(other) is VmapGF and other.gen_fn == self.gen_fn and other.in_axes == self.in_axes
-
-    def __hash__(self):
-        return hash((VmapGF, self.gen_fn, repr(self.in_axes)))
+    def _parts(self):
+        return (self.gen_fn, self.in_axes)
 
     def _axes(self, args: tuple) -> tuple:
         if not isinstance(self.in_axes, tuple):
