@@ -143,6 +143,11 @@ def section_combinators(key, data, cfg):
     print(f"log marginal: importance {float(res.log_marginal):.3f}   Kalman filter (exact) {float(exact):.3f}"
           f"   ESS = {float(res.ess):.1f} of {n}")
     print("(the prior proposes all T latent steps at once, so the estimate is noisy; SMC walks the scan step by step)")
+    # Over a few steps the prior is a good enough proposal for a sharp check.
+    short = ppl.scan(walk_step, length=5)
+    res = inference.importance(k3, short, (0.0, None), {"y": sim["y"][:5]}, n)
+    print(f"first 5 steps: importance {float(res.log_marginal):.3f}   Kalman filter (exact) "
+          f"{float(kalman_log_likelihood(sim['y'][:5])):.3f}   ESS = {float(res.ess):.1f} of {n}")
 
 
 def section_update_regenerate(key, data, cfg):
