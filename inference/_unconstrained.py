@@ -18,9 +18,15 @@ combinators included, through the public `ppl.handle`:
 
 A discrete latent site has no bijection to the real line: it is an `ArgumentError`
 naming the site, with the fix (enumerate it, or give it a Gibbs kernel).
+
+Each function takes `fixed`: addresses of random choices that stay in their own space
+(observations given as constraints, or choices another MCMC kernel updates). Their
+values are given, their log density is counted as is, and a discrete one is allowed.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import numpyro.distributions as dist
@@ -44,13 +50,15 @@ def _bijection(site: ppl.Site):
 
 class _OnRealLine(ppl.SiteHandler):
     """Latent distributions replaced by their images on the real line; a given
-    constrained value is first mapped there when `from_constrained`."""
+    constrained value is first mapped there when `from_constrained`. Sites whose path
+    is in `fixed` are left alone."""
 
-    def __init__(self, from_constrained: bool = False):
+    def __init__(self, from_constrained: bool = False, fixed: frozenset = frozenset()):
         self.from_constrained = from_constrained
+        self.fixed = fixed
 
     def process(self, site):
-        if site.kind != "latent":
+        if site.kind != "latent" or site.path in self.fixed:
             return site
         t = _bijection(site)
         value = site.value
@@ -60,20 +68,39 @@ class _OnRealLine(ppl.SiteHandler):
 
 
 class _Constrain(ppl.SiteHandler):
-    """A given latent value on the real line mapped into the site's support."""
+    """A given latent value on the real line mapped into the site's support (sites
+    whose path is in `fixed` are left alone)."""
+
+    def __init__(self, fixed: frozenset = frozenset()):
+        self.fixed = fixed
 
     def process(self, site):
-        if site.kind != "latent" or site.value is None:
+        if site.kind != "latent" or site.value is None or site.path in self.fixed:
             return site
         return site._replace(value=_bijection(site)(site.value))
 
 
-_ON_REAL_LINE = _OnRealLine()
-_FROM_CONSTRAINED = _OnRealLine(from_constrained=True)
-_CONSTRAIN = _Constrain()
+# One handler instance per (kind, fixed set): `ppl.handle` compares handlers by
+# identity, so equal requests give equal generative functions (and jit cache hits).
+@functools.lru_cache(maxsize=None)
+def _handler(kind: str, fixed: frozenset) -> ppl.SiteHandler:
+    if kind == "constrain":
+        return _Constrain(fixed)
+    return _OnRealLine(from_constrained=kind == "from_constrained", fixed=fixed)
 
 
-def unconstrained(model: ppl.GenerativeFunction) -> ppl.GenerativeFunction:
+def _fixed_paths(fixed) -> frozenset:
+    """Addresses (strings, tuple paths, or a choice map's addresses) as tuple paths."""
+    if fixed is None:
+        return frozenset()
+    if isinstance(fixed, (ppl.ChoiceMap, dict)):
+        return frozenset(ppl.ChoiceMap.of(fixed).addresses())
+    if isinstance(fixed, str):
+        fixed = (fixed,)
+    return frozenset((a,) if isinstance(a, str) else tuple(a) for a in fixed)
+
+
+def unconstrained(model: ppl.GenerativeFunction, fixed=None) -> ppl.GenerativeFunction:
     """`model` with every latent choice on the real line.
 
     `unconstrained(model).assess(u, args)[0]` = log p(t(u), evidence) + log|det J_t(u)|,
@@ -88,26 +115,30 @@ def unconstrained(model: ppl.GenerativeFunction) -> ppl.GenerativeFunction:
     >>> round(float(lp), 4)  # log Exp(1 | 1) + log|d exp(u)/du| at u = 0
     -1.0
     """
-    return ppl.handle(model, _ON_REAL_LINE)
+    return ppl.handle(model, _handler("on_real_line", _fixed_paths(fixed)))
 
 
-def to_unconstrained(model: ppl.GenerativeFunction, args: tuple, choices) -> ppl.ChoiceMap:
+def to_unconstrained(model: ppl.GenerativeFunction, args: tuple, choices, fixed=None) -> ppl.ChoiceMap:
     """The real-line values `u = t^-1(x)` of constrained `choices` (every latent choice).
 
-    Shapes follow the bijections: a K-simplex value maps to K - 1 reals.
+    Shapes follow the bijections: a K-simplex value maps to K - 1 reals. Choices at
+    the `fixed` addresses are returned unchanged.
     """
-    trace, _ = ppl.handle(model, _FROM_CONSTRAINED).generate(_NO_DRAW_KEY, choices, args)
+    handled = ppl.handle(model, _handler("from_constrained", _fixed_paths(fixed)))
+    trace, _ = handled.generate(_NO_DRAW_KEY, choices, args)
     _check_complete(model, trace, choices, "to_unconstrained")
     return trace.choices
 
 
-def to_constrained(model: ppl.GenerativeFunction, args: tuple, unconstrained_choices) -> ppl.Trace:
+def to_constrained(model: ppl.GenerativeFunction, args: tuple, unconstrained_choices, fixed=None) -> ppl.Trace:
     """The trace of `model` at `x = t(u)` for real-line values `u` of every latent choice.
 
     The trace is an ordinary trace of `model` (deterministic sites, observations and the
-    score in the constrained space).
+    score in the constrained space). Choices at the `fixed` addresses are given in
+    their own space and used as they are.
     """
-    trace, _ = ppl.handle(model, _CONSTRAIN).generate(_NO_DRAW_KEY, unconstrained_choices, args)
+    handled = ppl.handle(model, _handler("constrain", _fixed_paths(fixed)))
+    trace, _ = handled.generate(_NO_DRAW_KEY, unconstrained_choices, args)
     _check_complete(model, trace, unconstrained_choices, "to_constrained")
     return trace.inner
 

@@ -1,0 +1,267 @@
+"""HMC and NUTS kernels on a model's unconstrained density, reusing numpyro's functional
+kernels (`numpyro.infer.hmc.hmc`) and their warmup adaptation (dual-averaging step
+size, Welford diagonal or dense mass matrix, windowed as in Stan).
+
+The potential energy is `U(u) = -unconstrained(model, fixed).assess(u + fixed, args)[0]`:
+`u` holds the moved choices on the real line (numpyro's `biject_to` per site, with the
+log-Jacobian), `fixed` the observed and unselected choices read from the trace. The
+state keeps numpyro's `HMCState` (with `z = u`, a `ChoiceMap`) next to the model's
+trace at `x = t(u)`, so HMC composes with kernels that move the trace (`cycle`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from numpyro.infer.hmc import HMCState as NumpyroHMCState
+from numpyro.infer.hmc import hmc as numpyro_hmc
+from numpyro.infer.util import ParamInfo
+
+import ppl
+from ppl.extend import format_address
+
+from ._kernels import Kernel, _check_not_observed, _check_trace, _paths, _selected
+from ._unconstrained import to_constrained, to_unconstrained, unconstrained
+
+__all__ = ["hmc", "nuts", "HMCState", "HMCInfo"]
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["trace", "hmc"], meta_fields=["moved", "num_warmup"])
+@dataclasses.dataclass(frozen=True)
+class HMCState:
+    """State of the HMC/NUTS kernels.
+
+    Fields:
+      trace:      the model's trace at the current position (constrained values).
+      hmc:        numpyro's `HMCState`; `hmc.z` is a `ChoiceMap` of the moved choices on
+                  the real line, `hmc.adapt_state` the step size and inverse mass matrix.
+      moved:      (static) the addresses HMC moves, tuple paths.
+      num_warmup: (static) steps `0 .. num_warmup - 1` adapt step size and mass matrix.
+    """
+
+    trace: ppl.Trace
+    hmc: NumpyroHMCState
+    moved: tuple
+    num_warmup: int
+
+
+class HMCInfo(NamedTuple):
+    """Per-step diagnostics, scalars per chain: `accept_prob` (mean Metropolis
+    acceptance along the trajectory), `is_divergent` (energy error above 1000),
+    `num_steps` (leapfrog steps), `step_size` (used), `potential_energy` (at the new
+    position, -log density on the real line)."""
+
+    accept_prob: jax.Array
+    is_divergent: jax.Array
+    num_steps: jax.Array
+    step_size: jax.Array
+    potential_energy: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    algo: str
+    step_size: float
+    num_steps: int | None
+    trajectory_length: float | None
+    max_tree_depth: int
+    adapt_step_size: bool
+    adapt_mass_matrix: bool
+    dense_mass: bool
+    target_accept_prob: float
+    selection: Any  # None (every unobserved choice), a tuple of paths, or a ppl.Selection
+
+    def numpyro_options(self) -> dict:
+        return dict(
+            step_size=self.step_size,
+            num_steps=self.num_steps,
+            trajectory_length=self.trajectory_length,
+            max_tree_depth=self.max_tree_depth,
+            adapt_step_size=self.adapt_step_size,
+            adapt_mass_matrix=self.adapt_mass_matrix,
+            dense_mass=self.dense_mass,
+            target_accept_prob=self.target_accept_prob,
+        )
+
+
+def hmc(
+    step_size: float = 1.0,
+    num_steps: int | None = None,
+    *,
+    trajectory_length: float | None = None,
+    adapt_step_size: bool = True,
+    adapt_mass_matrix: bool = True,
+    dense_mass: bool = False,
+    target_accept_prob: float = 0.8,
+    selection=None,
+) -> Kernel:
+    """Hamiltonian Monte Carlo (numpyro's kernel) on the model's unconstrained density.
+
+    Each step draws a momentum, runs `num_steps` leapfrog steps of size `step_size`
+    (or a fixed `trajectory_length`, default 2*pi, when `num_steps` is None) and
+    accepts the end point with probability min(1, exp(-ΔH)). During the first
+    `num_warmup` steps (given to `init`) the step size is adapted by dual averaging
+    towards `target_accept_prob` and the inverse mass matrix (diagonal, or dense with
+    `dense_mass=True`) by Welford estimates over Stan's windows.
+
+    `selection`: addresses to move (default: every random choice not observed). The
+    other choices stay fixed at the trace's values, so `cycle(mh("k"), hmc(selection=
+    "theta"))` is HMC-within-Gibbs. The moved sites must be continuous.
+
+    >>> import numpyro.distributions as dist
+    >>> @ppl.gen
+    ... def model():
+    ...     s = ppl.sample("s", dist.HalfNormal(1.0))
+    ...     return ppl.sample("y", dist.Normal(0.0, s))
+    >>> trace, _ = model.generate(jax.random.key(0), {"y": 0.5}, ())
+    >>> kernel = inference.hmc(step_size=0.3, num_steps=5)
+    >>> state = kernel.init(trace, observed={"y": 0.5})
+    >>> state, info = jax.jit(kernel.step)(jax.random.key(1), state)
+    >>> bool(state.trace["s"] > 0), info.num_steps
+    (True, Array(5, dtype=int32))
+    """
+    if num_steps is not None and trajectory_length is not None:
+        raise ppl.ArgumentError(
+            "inference.hmc: give num_steps or trajectory_length, not both (the step size "
+            "could not be adapted)."
+        )
+    if num_steps is None and trajectory_length is None:
+        trajectory_length = 2 * math.pi
+    return _kernel(_Config(
+        "HMC", float(step_size), None if num_steps is None else int(num_steps),
+        None if trajectory_length is None else float(trajectory_length), 10,
+        bool(adapt_step_size), bool(adapt_mass_matrix), _dense(dense_mass), float(target_accept_prob),
+        _selection(selection),
+    ))
+
+
+def nuts(
+    step_size: float = 1.0,
+    *,
+    max_tree_depth: int = 10,
+    adapt_step_size: bool = True,
+    adapt_mass_matrix: bool = True,
+    dense_mass: bool = False,
+    target_accept_prob: float = 0.8,
+    selection=None,
+) -> Kernel:
+    """The No-U-Turn Sampler (numpyro's kernel) on the model's unconstrained density.
+
+    Trajectories double until they turn back (at most `2**max_tree_depth` leapfrog
+    steps); the next state is drawn from the trajectory by multinomial sampling.
+    Warmup adaptation and `selection` as in `hmc`.
+    """
+    return _kernel(_Config(
+        "NUTS", float(step_size), None, None, int(max_tree_depth),
+        bool(adapt_step_size), bool(adapt_mass_matrix), _dense(dense_mass), float(target_accept_prob),
+        _selection(selection),
+    ))
+
+
+def _dense(dense_mass) -> bool:
+    if not isinstance(dense_mass, bool):
+        raise ppl.ArgumentError(
+            "inference.hmc/nuts: dense_mass must be True or False (block-structured mass "
+            "matrices are not supported yet)."
+        )
+    return dense_mass
+
+
+def _selection(selection):
+    if selection is None or isinstance(selection, ppl.Selection):
+        return selection
+    return tuple(_paths(selection))
+
+
+def _is_moved(config: _Config, address: tuple) -> bool:
+    if config.selection is None:
+        return True
+    if isinstance(config.selection, ppl.Selection):
+        return _selected(config.selection, address)
+    return any(address[: len(p)] == p for p in config.selection)
+
+
+# One kernel per configuration, so that equal requests are equal static arguments of
+# the runner's jitted functions (a second run compiles nothing).
+@functools.lru_cache(maxsize=None)
+def _kernel(config: _Config) -> Kernel:
+    name = f"inference.{config.algo.lower()}"
+
+    def init(trace, *, observed=None, num_warmup=0):
+        _check_trace(trace, config.algo.lower())
+        observed_paths = set(_paths(observed))
+        moved = tuple(a for a in trace.choices.addresses() if a not in observed_paths and _is_moved(config, a))
+        if config.selection is not None:
+            _check_not_observed([a for a in trace.choices.addresses() if _is_moved(config, a)], observed, name)
+        if not moved:
+            raise ppl.ArgumentError(
+                f"{name}: {trace.gen_fn.__name__} has no latent random choice to move (every choice "
+                "is observed or unselected). Sample at least one site without obs= or a constraint."
+            )
+        z, potential = _position(trace, moved)
+        pe, z_grad = jax.value_and_grad(potential)(z)
+        init_kernel, _ = numpyro_hmc(potential_fn=potential, algo=config.algo)
+        state = init_kernel(
+            ParamInfo(z, pe, z_grad), int(num_warmup), **config.numpyro_options(), rng_key=jax.random.key(0)
+        )
+        return HMCState(trace, state, moved, int(num_warmup))
+
+    def step(key, state):
+        model, args = state.trace.gen_fn, state.trace.args
+        fixed, fixed_values = _fixed(state.trace, state.moved)
+        potential = _potential(model, args, fixed, fixed_values)
+        init_kernel, sample_kernel = numpyro_hmc(potential_fn=potential, algo=config.algo)
+        # numpyro's sample_kernel reads settings its init_kernel stores in the closure
+        # (warmup schedule, integrator); with the current position given, this call
+        # evaluates nothing heavy and its result is discarded (dead code under jit).
+        h = state.hmc
+        init_kernel(ParamInfo(h.z, h.potential_energy, h.z_grad), state.num_warmup, **config.numpyro_options())
+        new = sample_kernel(h._replace(rng_key=_typed(key)))
+        new = new._replace(num_steps=jnp.asarray(new.num_steps, jnp.int32))  # HMC's is weakly typed
+        trace = to_constrained(model, args, new.z.merge(fixed_values), fixed)
+        info = HMCInfo(new.accept_prob, new.diverging, new.num_steps, h.adapt_state.step_size, new.potential_energy)
+        return HMCState(trace, new, state.moved, state.num_warmup), info
+
+    def refresh(state, trace):
+        z, potential = _position(trace, state.moved)
+        pe, z_grad = jax.value_and_grad(potential)(z)
+        return HMCState(trace, state.hmc._replace(z=z, potential_energy=pe, z_grad=z_grad), state.moved, state.num_warmup)
+
+    return Kernel(init, step, refresh)
+
+
+def _fixed(trace, moved: tuple):
+    """The addresses of the choices HMC does not move, and their values in the trace."""
+    choices = trace.choices
+    fixed = tuple(a for a in choices.addresses() if a not in set(moved))
+    return fixed, ppl.ChoiceMap({a: choices[a] for a in fixed})
+
+
+def _potential(model, args, fixed: tuple, fixed_values: ppl.ChoiceMap):
+    on_real_line = unconstrained(model, fixed)
+
+    def potential(z):
+        return -on_real_line.assess(z.merge(fixed_values), args)[0]
+
+    return potential
+
+
+def _position(trace, moved: tuple):
+    """`(z, potential)`: the moved choices of `trace` on the real line, and U."""
+    model, args = trace.gen_fn, trace.args
+    fixed, fixed_values = _fixed(trace, moved)
+    u = to_unconstrained(model, args, trace.choices, fixed)
+    z = ppl.ChoiceMap({a: u[a] for a in moved})
+    return z, _potential(model, args, fixed, fixed_values)
+
+
+def _typed(key):
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(key)

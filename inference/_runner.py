@@ -1,0 +1,333 @@
+"""Running MCMC chains: `run_mcmc` for any kernel, `run_nuts` for the common case.
+
+Chains are a `jax.vmap` of the kernel's `step`; steps are a `jax.lax.scan` in chunks,
+one jitted function for every chunk (warmup and sampling alike), so a second run with
+the same shapes and new data values compiles nothing. Between chunks the host updates
+the progress bar and keeps the draws past warmup. Chains run on one device
+(sharding them across devices is a later step).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ppl
+from ppl.extend import check_args, check_key, combine, format_address, partition
+
+from ._checks import check_constraint_values
+from ._hmc import HMCState, nuts
+from ._kernels import CycleState, Kernel
+from ._samples import Samples
+from ._unconstrained import to_constrained, to_unconstrained
+
+__all__ = ["run_mcmc", "run_nuts"]
+
+_CHUNKS = 20  # progress-bar updates per run
+
+
+def run_nuts(
+    key,
+    model: ppl.GenerativeFunction,
+    args: tuple,
+    constraints=None,
+    *,
+    num_warmup: int = 1000,
+    num_samples: int = 1000,
+    num_chains: int = 4,
+    progress_bar: bool | None = None,
+    step_size: float = 1.0,
+    target_accept_prob: float = 0.8,
+    max_tree_depth: int = 10,
+    dense_mass: bool = False,
+    init_strategy: str = "uniform",
+    init=None,
+    chunk_size: int | None = None,
+) -> Samples:
+    """NUTS on `model(*args)` given `constraints`: `num_chains` chains of `num_warmup`
+    adaptation steps then `num_samples` draws. Returns `Samples` (`[num_chains,
+    num_samples, ...]` per latent and deterministic site).
+
+    Chains start at uniform(-2, 2) on the real line (`init_strategy="uniform"`, as
+    NumPyro) or at a prior draw (`"prior"`); `init` fixes chosen latent values.
+    Warns (`ConvergenceWarning`) on divergences or split r_hat > 1.01.
+    See `run_mcmc` for the other arguments and errors.
+
+    >>> import numpyro.distributions as dist
+    >>> @ppl.gen
+    ... def model():
+    ...     mu = ppl.sample("mu", dist.Normal(0.0, 1.0))
+    ...     return ppl.sample("y", dist.Normal(mu, 1.0))
+    >>> samples = inference.run_nuts(jax.random.key(0), model, (), {"y": 1.0},
+    ...                              num_warmup=100, num_samples=100, num_chains=1)
+    >>> samples["mu"].shape
+    (1, 100)
+    """
+    kernel = nuts(
+        step_size, target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth, dense_mass=dense_mass
+    )
+    return run_mcmc(
+        key, kernel, model, args, constraints, num_warmup=num_warmup, num_samples=num_samples,
+        num_chains=num_chains, progress_bar=progress_bar, init_strategy=init_strategy, init=init,
+        chunk_size=chunk_size, where="inference.run_nuts",
+    )
+
+
+def run_mcmc(
+    key,
+    kernel: Kernel,
+    model: ppl.GenerativeFunction,
+    args: tuple,
+    constraints=None,
+    *,
+    num_warmup: int = 1000,
+    num_samples: int = 1000,
+    num_chains: int = 4,
+    progress_bar: bool | None = None,
+    init_strategy: str = "prior",
+    init=None,
+    chunk_size: int | None = None,
+    where: str = "inference.run_mcmc",
+) -> Samples:
+    """Run `num_chains` chains of `kernel` on `model(*args)` given `constraints`.
+
+    Each chain starts from `model.generate(key_c, constraints | init, args)` (the prior
+    for the other latent choices; `init_strategy="uniform"` instead draws them
+    uniformly in (-2, 2) on the real line, continuous sites only), is initialized with
+    `kernel.init(trace, observed=constraints, num_warmup=num_warmup)`, and takes
+    `num_warmup + num_samples` steps; the last `num_samples` are the draws.
+
+    Args:
+      key: a `jax.random` key. Same key, same draws.
+      kernel: an `inference.Kernel` (`mh`, `mh_proposal`, `hmc`, `nuts`, `cycle`).
+      constraints: observations, a choice map or nested dict; never moved.
+      progress_bar: None shows a tqdm bar when stderr is a terminal and `CI` is unset.
+      chunk_size: steps per jitted scan between host updates (default: total / 20).
+
+    Returns `Samples`: `samples[address]` is `[num_chains, num_samples, ...]` for every
+    latent choice and deterministic site; `samples.info` the kernel's per-step info;
+    `samples.divergences` `[num_chains]`. Warns (`ConvergenceWarning`) on divergences
+    or split r_hat > 1.01.
+
+    Raises `ArgumentError` when the model has no latent choice, `InferenceError`
+    naming the site when a chain's initial log density (or its gradient) is not finite.
+    """
+    if not isinstance(kernel, Kernel):
+        raise ppl.ArgumentError(
+            f"{where}: kernel must be an inference.Kernel (inference.nuts(), inference.mh('x'), ...), "
+            f"got {type(kernel).__name__}."
+        )
+    if not isinstance(model, ppl.GenerativeFunction):
+        raise ppl.ArgumentError(
+            f"{where}: model must be a generative function (decorate it with @ppl.gen), got {type(model).__name__}."
+        )
+    key = check_key(key, model, where)
+    args = check_args(args, model, where)
+    num_warmup = _count(num_warmup, "num_warmup", where, minimum=0)
+    num_samples = _count(num_samples, "num_samples", where, minimum=1)
+    num_chains = _count(num_chains, "num_chains", where, minimum=1)
+    if init_strategy not in ("prior", "uniform"):
+        raise ppl.ArgumentError(f"{where}: init_strategy must be 'prior' or 'uniform', got {init_strategy!r}.")
+    constraints = ppl.ChoiceMap.of(constraints)
+    init = ppl.ChoiceMap.of(init)
+    check_constraint_values(model, args, constraints, where)
+    dynamic, static = partition(args)
+    observed = tuple(constraints.addresses())
+    latent, deterministic = _sites(model, args, constraints, dynamic, static)
+    if not latent:
+        raise ppl.ArgumentError(
+            f"{where}: {model.__name__} has no latent random choice given these constraints "
+            f"({', '.join(map(format_address, observed)) or 'none'}): there is nothing to sample. "
+            "Remove a constraint, or evaluate the density with model.assess instead."
+        )
+    k_init, k_run = jax.random.split(key)
+    states = _init(
+        k_init, dynamic, constraints, init, static=static, model=model, kernel=kernel, num_chains=num_chains,
+        num_warmup=num_warmup, observed=observed, latent=latent, init_strategy=init_strategy,
+    )
+    _check_initial(states, model, where)
+
+    total = num_warmup + num_samples
+    chunk = int(chunk_size) if chunk_size is not None else max(1, math.ceil(total / _CHUNKS))
+    collect = _Collect(latent, deterministic)
+    bar = _progress(progress_bar, total, num_warmup, num_chains)
+    kept_draws, kept_info = [], []
+    done = 0
+    try:
+        for index in range(math.ceil(total / chunk)):
+            states, (draws, info) = _run_chunk(
+                k_run, jnp.asarray(index, jnp.uint32), states, kernel=kernel, collect=collect, chunk_size=chunk
+            )
+            start, stop = max(num_warmup - done, 0), min(total - done, chunk)  # this chunk's draws past warmup
+            if start < stop:
+                kept_draws.append(jax.tree.map(lambda x: np.asarray(x)[:, start:stop], draws))
+                kept_info.append(jax.tree.map(lambda x: np.asarray(x)[:, start:stop], info))
+            elif bar is not None:
+                jax.block_until_ready(states)
+            done += chunk
+            if bar is not None:
+                bar.set_description("warmup" if done < num_warmup else "sample")
+                bar.update(min(chunk, total - (done - chunk)))
+    finally:
+        if bar is not None:
+            bar.close()
+    join = lambda *xs: jnp.asarray(np.concatenate(xs, axis=1))  # noqa: E731
+    samples = Samples(
+        jax.tree.map(join, *kept_draws), jax.tree.map(join, *kept_info), deterministic=deterministic
+    )
+    samples._warn_if_suspect(stacklevel=3 if where == "inference.run_mcmc" else 4)
+    return samples
+
+
+class _Collect(NamedTuple):
+    """What a chain records per step: its latent choices and deterministic values."""
+
+    latent: tuple
+    deterministic: tuple
+
+    def __call__(self, trace: ppl.Trace) -> dict:
+        choices = trace.choices
+        out = {p: choices[p] for p in self.latent}
+        out.update({p: trace[p] for p in self.deterministic})
+        return out
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "collect", "chunk_size"))
+def _run_chunk(key, index, states, *, kernel, collect, chunk_size):
+    num_chains = jax.tree.leaves(states)[0].shape[0]
+    keys = jax.random.split(jax.random.fold_in(key, index), (num_chains, chunk_size))
+
+    def chain(chain_keys, state):
+        def body(state, k):
+            state, info = kernel.step(k, state)
+            return state, (collect(state.trace), info)
+
+        return jax.lax.scan(body, state, chain_keys)
+
+    states, (draws, info) = jax.vmap(chain)(keys, states)
+    return states, (draws, info)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("static", "model", "kernel", "num_chains", "num_warmup", "observed", "latent", "init_strategy"),
+)
+def _init(key, dynamic, constraints, init, *, static, model, kernel, num_chains, num_warmup, observed, latent,
+          init_strategy):
+    args = combine(dynamic, static)
+
+    def chain(k):
+        k_generate, k_uniform = jax.random.split(k)
+        trace, _ = model.generate(k_generate, constraints.merge(init), args)
+        if init_strategy == "uniform":
+            given = set(observed) | set(init.addresses())
+            u = to_unconstrained(model, args, trace.choices, given)
+            drawn = {
+                a: jax.random.uniform(jax.random.fold_in(k_uniform, i), jnp.shape(u[a]), minval=-2.0, maxval=2.0)
+                for i, a in enumerate(latent) if a not in given
+            }
+            trace = to_constrained(model, args, u.merge(ppl.ChoiceMap(drawn)), given)
+        return kernel.init(trace, observed=observed, num_warmup=num_warmup)
+
+    return jax.vmap(chain)(jax.random.split(key, num_chains))
+
+
+_SITES: dict = {}
+
+
+class _Survey(ppl.SiteHandler):
+    def __init__(self):
+        self.deterministic = []
+
+    def process(self, site):
+        if site.kind == "deterministic":
+            self.deterministic.append(site.path)
+        return site
+
+
+def _sites(model, args, constraints, dynamic, static) -> tuple[tuple, tuple]:
+    """`(latent, deterministic)` tuple paths of `model` given `constraints` (one abstract
+    trace per signature, cached)."""
+    signature = (model, static, jax.tree.structure(constraints),
+                 tuple((jnp.shape(x), str(jnp.result_type(x))) for x in jax.tree.leaves((dynamic, constraints))))
+    if signature not in _SITES:
+        survey = _Survey()
+        trace = jax.eval_shape(
+            lambda dyn, cons: ppl.handle(model, survey).generate(jax.random.key(0), cons, combine(dyn, static))[0],
+            dynamic, constraints,
+        )
+        observed = set(constraints.addresses())
+        latent = tuple(a for a in trace.choices.addresses() if a not in observed)
+        _SITES[signature] = (latent, tuple(dict.fromkeys(survey.deterministic)))
+    return _SITES[signature]
+
+
+def _hmc_states(state) -> list:
+    if isinstance(state, HMCState):
+        return [state]
+    if isinstance(state, CycleState):
+        return [h for s in state.states for h in _hmc_states(s)]
+    return []
+
+
+def _check_initial(states, model, where: str) -> None:
+    """Name the site when a chain starts at a non-finite log density (or gradient)."""
+    score = np.asarray(states.trace.score)
+    bad = ~np.isfinite(score)
+    grads = []
+    for h in _hmc_states(states):
+        bad |= ~np.isfinite(np.asarray(h.hmc.potential_energy))
+        for address, g in h.hmc.z_grad.flat_items():
+            finite = np.all(np.isfinite(np.asarray(g)).reshape(score.shape[0], -1), axis=1)
+            bad |= ~finite
+            grads.append((address, finite))
+    if not bad.any():
+        return
+    c = int(np.argmax(bad))
+    trace = jax.tree.map(lambda x: x[c], states.trace)
+    culprits = []
+    for address, s in model._site_scores(trace, ()):
+        if not np.all(np.isfinite(np.asarray(s))):
+            culprits.append(f"{format_address(address)} (log density {np.asarray(s)}, value {_value(trace, address)})")
+    if culprits:
+        raise ppl.InferenceError(
+            f"{where}: chain {c} starts where the log density is {score[c]}: site(s) {', '.join(culprits)}. "
+            "Give valid starting values with init={...}, or check the model's parameters and factors "
+            "(a log of a negative number, an observation outside the support)."
+        )
+    bad_grads = [format_address(a) for a, finite in grads if not finite[c]]
+    raise ppl.InferenceError(
+        f"{where}: chain {c} starts at log density {score[c]}, but the gradient "
+        f"{'at ' + ', '.join(bad_grads) + ' ' if bad_grads else ''}(or the log-Jacobian on the real line) "
+        "is not finite. Give valid starting values with init={...}, or reparameterize the site."
+    )
+
+
+def _value(trace, address):
+    try:
+        return np.asarray(trace[address])
+    except ppl.PPLError:
+        return "?"
+
+
+def _count(value, name: str, where: str, minimum: int) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ppl.ArgumentError(f"{where}: {name} must be an int >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _progress(progress_bar, total: int, num_warmup: int, num_chains: int):
+    if progress_bar is None:
+        progress_bar = sys.stderr.isatty() and not os.environ.get("CI")
+    if not progress_bar:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="warmup" if num_warmup else "sample", unit="step", postfix=f"{num_chains} chains")

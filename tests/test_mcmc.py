@@ -1,0 +1,337 @@
+"""MCMC kernels, runners, Samples and predictive, against exact conjugate posteriors.
+
+Tolerances come from the Monte Carlo standard error. For draws with bulk effective
+sample size ESS (numpyro's `effective_sample_size` over the chains), the error of the
+posterior mean estimate has sd ~ sd_exact / sqrt(ESS); for the posterior sd, the
+delta method on the variance of a Gaussian gives sd(sd_hat) ~ sd_exact / sqrt(2 ESS2),
+with ESS2 the ESS of the squared centered draws. Checks use 5 standard errors (a
+two-sided normal false alarm rate of ~6e-7 per check; the seeds are fixed anyway).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+from numpyro.diagnostics import effective_sample_size
+
+import inference
+import ppl
+
+# Small runs give split r_hat a little above 1.01 now and then; the warning itself is
+# tested below on constructed draws.
+pytestmark = pytest.mark.filterwarnings("ignore::inference.ConvergenceWarning")
+
+RUN = dict(num_warmup=300, num_samples=500, num_chains=2, progress_bar=False)
+
+
+def ess(x) -> float:
+    """Bulk ESS of draws [chains, draws] (scalar site)."""
+    return float(effective_sample_size(np.asarray(x, dtype=np.float64)))
+
+
+def assert_mean_sd(draws, mean, sd):
+    draws = np.asarray(draws, dtype=np.float64)
+    n_eff = ess(draws)
+    n_eff2 = ess((draws - mean) ** 2)
+    assert abs(draws.mean() - mean) < 5 * sd / np.sqrt(n_eff), (draws.mean(), mean, n_eff)
+    assert abs(draws.std() - sd) < 5 * sd / np.sqrt(2 * n_eff2), (draws.std(), sd, n_eff2)
+
+
+# -- conjugate normal-normal: mu ~ N(0, 1), y_i ~ N(mu, 1) -> N(sum y / (n + 1), 1 / (n + 1))
+Y = jnp.array([0.8, 1.3, 0.2, 1.9, 1.1])
+TRACES = {"normal": 0}
+
+
+@ppl.gen
+def normal_normal(n):
+    TRACES["normal"] += 1  # counts traces of the body: compilations would trace it
+    mu = ppl.sample("mu", dist.Normal(0.0, 1.0))
+    ppl.deterministic("twice", 2.0 * mu)
+    return ppl.sample("y", dist.Normal(mu, 1.0).expand((n,)))
+
+
+def exact_normal(y):
+    var = 1.0 / (1.0 + y.shape[0])
+    return float(var * y.sum()), float(np.sqrt(var))
+
+
+@pytest.fixture(scope="module")
+def normal_samples():
+    return inference.run_nuts(jax.random.key(1), normal_normal, (5,), {"y": Y}, **RUN)
+
+
+def test_nuts_normal_normal_matches_exact_posterior(normal_samples):
+    assert_mean_sd(normal_samples["mu"], *exact_normal(Y))
+    assert int(normal_samples.divergences.sum()) == 0
+
+
+def test_samples_shapes_deterministic_thin_flatten(normal_samples):
+    s = normal_samples
+    assert s["mu"].shape == (2, 500) and s[("mu",)].shape == (2, 500)
+    np.testing.assert_allclose(s["twice"], 2 * s["mu"], rtol=1e-6)
+    assert s.keys() == ["mu", "twice"] and "twice" in s and "y" not in s
+    assert s.divergences.shape == (2,)
+    assert s.thin(5)["mu"].shape == (2, 100)
+    np.testing.assert_array_equal(s.thin(5)["mu"], s["mu"][:, ::5])
+    flat = s.flatten()
+    assert flat["mu"].shape == (1000,)
+    np.testing.assert_array_equal(flat["mu"][500:], s["mu"][1])
+    assert s.info.accept_prob.shape == (2, 500)
+    assert "Samples(num_chains=2, num_draws=500" in repr(s)
+    leaves = jax.tree.leaves(s)  # a pytree: draws and info are its leaves
+    assert any(leaf is s["mu"] for leaf in leaves)
+    doubled = jax.tree.map(lambda x: x * 2 if x.dtype == jnp.float32 else x, s)
+    np.testing.assert_allclose(doubled["mu"], 2 * s["mu"])
+
+
+def test_summary_table(normal_samples):
+    table = normal_samples.summary()
+    assert set(table) == {"mu", "twice"}
+    assert set(table["mu"]) == {"mean", "sd", "median", "5%", "95%", "n_eff", "r_hat"}
+    mean, sd = exact_normal(Y)
+    assert abs(table["mu"]["mean"] - mean) < 0.1
+    assert table["mu"]["5%"] < table["mu"]["median"] < table["mu"]["95%"]
+    assert 50 < table["mu"]["n_eff"] <= 2000 and abs(table["mu"]["r_hat"] - 1) < 0.05
+    text = str(table)
+    assert "n_eff" in text and "r_hat" in text and "twice" in text
+
+
+def test_predictive_shapes(normal_samples):
+    post = inference.predictive(jax.random.key(2), normal_normal, (5,), normal_samples)
+    assert post["y"].shape == (2, 500, 5) and post["mu"].shape == (2, 500)
+    np.testing.assert_array_equal(post["mu"], normal_samples["mu"])  # latent fixed to the draws
+    np.testing.assert_allclose(post["twice"], 2 * normal_samples["mu"], rtol=1e-6)
+    # y is re-drawn around each mu: its spread is the noise sd 1 (5 s.e. of the sd of 5000 values)
+    assert abs(float(jnp.std(post["y"] - post["mu"][..., None])) - 1.0) < 5 / np.sqrt(2 * 5000)
+    prior = inference.predictive(jax.random.key(3), normal_normal, (5,), num_samples=1000)
+    assert prior["y"].shape == (1000, 5) and prior["mu"].shape == (1000,) and prior["twice"].shape == (1000,)
+    assert abs(float(prior["mu"].std()) - 1.0) < 5 / np.sqrt(2000)
+    from_dict = inference.predictive(jax.random.key(4), normal_normal, (5,), {"mu": jnp.zeros((3, 4))})
+    assert from_dict["y"].shape == (3, 4, 5)
+
+
+def test_second_run_with_new_data_compiles_nothing(normal_samples):
+    from inference._runner import _init, _run_chunk
+
+    first = inference.run_nuts(jax.random.key(5), normal_normal, (5,), {"y": Y + 1.0}, **RUN)
+    traces, chunk_cache, init_cache = TRACES["normal"], _run_chunk._cache_size(), _init._cache_size()
+    second = inference.run_nuts(jax.random.key(5), normal_normal, (5,), {"y": Y - 1.0}, **RUN)
+    assert TRACES["normal"] == traces, "the model was traced again"
+    assert _run_chunk._cache_size() == chunk_cache and _init._cache_size() == init_cache
+    # same key, data shifted by 2: the posterior mean moves by 2 * 5/6
+    assert abs(float(first["mu"].mean() - second["mu"].mean()) - 2 * 5 / 6) < 0.2
+
+
+def test_same_key_same_draws():
+    a = inference.run_mcmc(jax.random.key(7), inference.mh("mu"), normal_normal, (5,), {"y": Y},
+                           num_warmup=10, num_samples=20, num_chains=2, progress_bar=False)
+    b = inference.run_mcmc(jax.random.key(7), inference.mh("mu"), normal_normal, (5,), {"y": Y},
+                           num_warmup=10, num_samples=20, num_chains=2, progress_bar=False)
+    np.testing.assert_array_equal(a["mu"], b["mu"])
+
+
+# -- a constrained site: rate ~ Gamma(2, 1), counts ~ Poisson(rate) -> Gamma(2 + sum, 1 + n).
+# A missing log-Jacobian of rate = exp(u) would give Gamma(1 + sum, 1 + n): the mean
+# would move by 1 / (1 + n) = 0.25, about 10 standard errors here.
+COUNTS = jnp.array([1.0, 0.0, 2.0])
+
+
+@ppl.gen
+def gamma_poisson(n):
+    rate = ppl.sample("rate", dist.Gamma(2.0, 1.0))
+    return ppl.sample("counts", dist.Poisson(rate).expand((n,)))
+
+
+def test_nuts_gamma_poisson_needs_the_log_jacobian():
+    samples = inference.run_nuts(jax.random.key(11), gamma_poisson, (3,), {"counts": COUNTS}, **RUN)
+    shape, rate = 2.0 + float(COUNTS.sum()), 1.0 + COUNTS.shape[0]
+    assert bool(jnp.all(samples["rate"] > 0))
+    assert_mean_sd(samples["rate"], shape / rate, np.sqrt(shape) / rate)
+
+
+# -- every kind of site: latent, obs=, factor, deterministic, nested call, vmap, scan.
+# mu ~ N(0, 1) times factor exp(-mu^2 / 2) is N(0, 1/2); the vmap'd points y_i ~ N(mu, 1)
+# are observed: mu | y ~ N(sum y / (2 + n), 1 / (2 + n)). The nested call and the scan
+# do not inform mu.
+XS = jnp.array([0.5, 1.5, 1.0, 2.0])
+
+
+@ppl.gen
+def point(mu):
+    return ppl.sample("y", dist.Normal(mu, 1.0))
+
+
+@ppl.gen
+def nested(mu):
+    w = ppl.sample("w", dist.Normal(mu, 1.0))
+    ppl.deterministic("w2", w * 2.0)
+    return w
+
+
+@ppl.gen
+def walk(carry, x):
+    z = ppl.sample("z", dist.Normal(carry, 1.0))
+    ppl.deterministic("dz", z - carry)
+    return z, z
+
+
+@ppl.gen
+def every_site(n):
+    mu = ppl.sample("mu", dist.Normal(0.0, 1.0))
+    ppl.factor("shrink", -0.5 * mu**2)
+    ppl.sample("sub", nested, mu)
+    ppl.sample("pts", ppl.vmap(point, in_axes=(0,)), jnp.full((n,), mu))
+    ppl.sample("walk", ppl.scan(walk, 3), 0.0, None)
+    scale = ppl.sample("scale", dist.HalfNormal(1.0))
+    ppl.sample("o", dist.Normal(0.0, scale), obs=0.3)
+    ppl.deterministic("mu_sq", mu**2)
+    return mu
+
+
+def test_nuts_with_every_kind_of_site():
+    samples = inference.run_nuts(jax.random.key(12), every_site, (4,), {("pts", "y"): XS}, **RUN)
+    assert set(samples.keys()) == {"mu", "scale", ("sub", "w"), ("walk", "z"), "mu_sq", ("sub", "w2"),
+                                   ("walk", "dz")}
+    assert samples[("walk", "z")].shape == (2, 500, 3) and samples[("walk", "dz")].shape == (2, 500, 3)
+    np.testing.assert_allclose(samples[("sub", "w2")], 2 * samples["sub", "w"], rtol=1e-5)
+    var = 1.0 / (2.0 + XS.shape[0])
+    assert_mean_sd(samples["mu"], var * float(XS.sum()), np.sqrt(var))
+    pred = inference.predictive(jax.random.key(13), every_site, (4,), samples)
+    assert pred[("pts", "y")].shape == (2, 500, 4)
+    assert pred["o"].shape == (2, 500) and bool(jnp.all(pred["o"] == 0.3))  # obs= keeps its value
+
+
+# -- Metropolis-Hastings
+
+
+def test_mh_prior_proposal_normal_normal():
+    samples = inference.run_mcmc(jax.random.key(21), inference.mh("mu"), normal_normal, (5,), {"y": Y},
+                                 num_warmup=200, num_samples=3000, num_chains=2, progress_bar=False)
+    assert_mean_sd(samples["mu"], *exact_normal(Y))
+    assert 0.05 < float(samples.info.accept_prob.mean()) < 0.95
+
+
+@ppl.gen
+def random_walk(trace):
+    return ppl.sample("mu", dist.Normal(trace["mu"], 0.5))
+
+
+def test_mh_random_walk_proposal():
+    kernel = inference.mh_proposal(random_walk)
+    samples = inference.run_mcmc(jax.random.key(22), kernel, normal_normal, (5,), {"y": Y},
+                                 num_warmup=200, num_samples=3000, num_chains=2, progress_bar=False)
+    assert_mean_sd(samples["mu"], *exact_normal(Y))
+
+
+# -- cycle: k ~ Bernoulli(0.3), mu ~ N(2k, 1), y ~ N(mu, 1), y = 1.6 observed.
+# p(k | y) ∝ p(k) N(y; 2k, sqrt 2); mu | k, y ~ N((2k + y) / 2, 1/2).
+@ppl.gen
+def switchpoint():
+    k = ppl.sample("k", dist.Bernoulli(0.3))
+    mu = ppl.sample("mu", dist.Normal(2.0 * k, 1.0))
+    return ppl.sample("y", dist.Normal(mu, 1.0))
+
+
+def test_cycle_mh_and_hmc_on_discrete_and_continuous_sites():
+    y = 1.6
+    kernel = inference.cycle(inference.mh("k"), inference.hmc(step_size=0.5, num_steps=4, selection="mu"))
+    samples = inference.run_mcmc(jax.random.key(31), kernel, switchpoint, (), {"y": y},
+                                 num_warmup=200, num_samples=2000, num_chains=2, progress_bar=False)
+    lik = np.array([0.7 * np.exp(-(y - 0.0) ** 2 / 4), 0.3 * np.exp(-(y - 2.0) ** 2 / 4)])
+    p1 = lik[1] / lik.sum()
+    k = np.asarray(samples["k"], dtype=np.float64)
+    assert abs(k.mean() - p1) < 5 * np.sqrt(p1 * (1 - p1) / ess(k))
+    mu_mean = p1 * (2.0 + y) / 2 + (1 - p1) * y / 2
+    mu = np.asarray(samples["mu"])
+    assert abs(mu.mean() - mu_mean) < 5 * mu.std() / np.sqrt(ess(mu))
+    assert isinstance(samples.info, tuple) and samples.info[1].accept_prob.shape == (2, 2000)
+
+
+def test_kernels_jit_and_vmap_over_chains(key):
+    trace, _ = normal_normal.generate(key, {"y": Y}, (5,))
+    traces = jax.tree.map(lambda x: jnp.stack([x] * 3), trace)
+    for kernel in (inference.mh("mu"), inference.cycle(inference.mh("mu"), inference.hmc(0.1, 3))):
+        states = jax.jit(jax.vmap(lambda t: kernel.init(t, observed={"y": Y}, num_warmup=5)))(traces)
+        states, info = jax.jit(jax.vmap(kernel.step))(jax.random.split(key, 3), states)
+        assert states.trace["mu"].shape == (3,)
+        np.testing.assert_array_equal(states.trace["y"], jnp.broadcast_to(Y, (3, 5)))
+
+
+# -- errors
+
+
+@ppl.gen
+def no_latent():
+    return ppl.sample("y", dist.Normal(0.0, 1.0), obs=0.5)
+
+
+@ppl.gen
+def discrete_latent():
+    k = ppl.sample("k", dist.Poisson(3.0))
+    return ppl.sample("y", dist.Normal(k, 1.0))
+
+
+@ppl.gen
+def walled(n):
+    x = ppl.sample("x", dist.Normal(0.0, 1.0))
+    ppl.factor("wall", jnp.where(x > 50.0, 0.0, -jnp.inf))
+    return x
+
+
+def test_model_without_latent_sites_is_an_error():
+    with pytest.raises(ppl.ArgumentError, match="no latent random choice"):
+        inference.run_nuts(jax.random.key(0), no_latent, (), num_warmup=5, num_samples=5, progress_bar=False)
+    with pytest.raises(ppl.ArgumentError, match="no latent random choice"):
+        inference.run_nuts(jax.random.key(0), normal_normal, (2,), {"mu": 0.0, "y": Y[:2]},
+                           num_warmup=5, num_samples=5, progress_bar=False)
+
+
+def test_discrete_latent_under_nuts_names_the_site():
+    with pytest.raises(ppl.ArgumentError, match="'k'.*discrete"):
+        inference.run_nuts(jax.random.key(0), discrete_latent, (), {"y": 1.0}, num_warmup=5, num_samples=5,
+                           progress_bar=False)
+
+
+def test_non_finite_initial_density_names_the_site():
+    with pytest.raises(ppl.InferenceError, match="'wall'"):
+        inference.run_nuts(jax.random.key(0), walled, (1,), num_warmup=5, num_samples=5, progress_bar=False)
+
+
+def test_bad_arguments():
+    with pytest.raises(ppl.ArgumentError, match="num_samples"):
+        inference.run_nuts(jax.random.key(0), normal_normal, (5,), {"y": Y}, num_samples=0)
+    with pytest.raises(ppl.ArgumentError, match="Kernel"):
+        inference.run_mcmc(jax.random.key(0), "nuts", normal_normal, (5,), {"y": Y})
+    with pytest.raises(ppl.ArgumentError, match="observe"):
+        inference.mh("y").init(normal_normal.generate(jax.random.key(0), {"y": Y}, (5,))[0], observed={"y": Y})
+    with pytest.raises(ppl.ArgumentError, match="num_samples"):
+        inference.predictive(jax.random.key(0), normal_normal, (5,))
+
+
+# -- Samples diagnostics on constructed draws (no sampler)
+
+
+def test_convergence_warnings_name_the_sites():
+    rng = np.random.default_rng(0)
+    apart = np.stack([rng.normal(0, 1, 200), rng.normal(3, 1, 200)])  # two chains that disagree
+    is_divergent = np.zeros((2, 200), bool)
+    is_divergent[0, 3] = True
+    info = inference.HMCInfo(*(np.zeros((2, 200)),) * 5)._replace(is_divergent=is_divergent)
+    samples = inference.Samples({("a",): jnp.asarray(apart), ("b",): jnp.asarray(rng.normal(size=(2, 200)))}, info)
+    with pytest.warns(inference.ConvergenceWarning) as record:
+        samples._warn_if_suspect()
+    messages = " ".join(str(w.message) for w in record)
+    assert "'a'" in messages and "'b'" not in messages and "1 divergent" in messages
+    assert samples.divergences.tolist() == [1, 0]
+
+
+def test_to_arviz_or_a_clear_import_error(normal_samples):
+    try:
+        import arviz  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install arviz"):
+            normal_samples.to_arviz()
+    else:
+        data = normal_samples.to_arviz()
+        assert data.posterior["mu"].shape == (2, 500)
