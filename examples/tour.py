@@ -12,6 +12,8 @@ Run `python examples/tour.py` (about half a minute on a laptop CPU; `--quick` is
   (f) a friendly error: a misspelled constraint address
   (g) reinterpreting a model with site handlers: a deterministic site, tempering the
       likelihood, and the unconstrained density HMC samples (checked by hand)
+  (h) MCMC: NUTS chains on the regression (summary table with r_hat and ESS), the slope
+      posterior against its exact answer, posterior predictive draws
 
 Every section is a function `section(key, data, cfg)`; add new ones to SECTIONS.
 """
@@ -219,6 +221,30 @@ def section_handlers(key, data, cfg):
           f"{float(trace.score + u['rate']):.4f}")
 
 
+def section_nuts(key, data, cfg):
+    xs, ys = data["xs"], data["ys"]
+    k1, k2, k3 = jax.random.split(key, 3)
+    # Four chains, vmapped; warmup adapts the step size and a diagonal mass matrix.
+    samples = inference.run_nuts(k1, regression, (xs,), {"ys": ys}, num_warmup=cfg["nuts_draws"],
+                                 num_samples=cfg["nuts_draws"], num_chains=4, progress_bar=False)
+    print(samples.summary())
+    print(f"samples['slope'].shape = {samples['slope'].shape} (chains, draws); divergences per chain "
+          f"{[int(d) for d in samples.divergences]}")
+    # With the noise known the slope posterior is Gaussian: NUTS against the exact answer.
+    # The Monte Carlo standard error of the mean is sd / sqrt(bulk ESS).
+    known = inference.run_nuts(k2, regression_known_noise, (xs,), {"ys": ys}, num_warmup=cfg["nuts_draws"],
+                               num_samples=cfg["nuts_draws"], num_chains=4, progress_bar=False)
+    slope = known["slope"]
+    ess = float(known.summary()["slope"]["n_eff"])
+    exact_mean, exact_sd = conjugate_slope_posterior(xs, ys, KNOWN_NOISE)
+    print(f"NUTS, known noise: slope {float(slope.mean()):.4f} +- {float(slope.std()):.4f}   exact "
+          f"{float(exact_mean):.4f} +- {float(exact_sd):.4f}   bulk ESS = {ess:.0f}")
+    # Posterior predictive: the model run forward at each draw; ys is redrawn.
+    pred = inference.predictive(k3, regression, (xs,), samples)
+    print(f"posterior predictive ys: shape {pred['ys'].shape}, mean at x = {float(xs[-1]):.1f}: "
+          f"{float(pred['ys'][..., -1].mean()):.3f} (observed {float(ys[-1]):.3f})")
+
+
 SECTIONS = [
     ("(a) a model: simulate, trace, assess", section_simulate),
     ("(b) generate: conditioning on observations", section_generate),
@@ -227,6 +253,7 @@ SECTIONS = [
     ("(e) update and regenerate: Metropolis-Hastings by hand", section_update_regenerate),
     ("(f) friendly errors", section_errors),
     ("(g) site handlers: deterministic, tempering, the unconstrained density", section_handlers),
+    ("(h) MCMC: NUTS", section_nuts),
 ]
 
 
@@ -240,7 +267,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (for tests)")
     args = parser.parse_args(argv)
-    cfg = dict(particles=2_000, T=50, mh_steps=500) if args.quick else dict(particles=20_000, T=50, mh_steps=5_000)
+    cfg = (dict(particles=2_000, T=50, mh_steps=500, nuts_draws=300) if args.quick
+           else dict(particles=20_000, T=50, mh_steps=5_000, nuts_draws=1_000))
     data_key, *keys = jax.random.split(jax.random.key(2024), len(SECTIONS) + 1)
     data = make_data(data_key, n_points=10)
     print(f"data: {data['xs'].shape[0]} points, true slope {TRUE_SLOPE}, true noise {TRUE_NOISE}")

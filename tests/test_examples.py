@@ -32,6 +32,7 @@ def test_tour_quick_runs_and_prints_every_section():
         "Did you mean 'slope'?",
         "tour finished",
         "=== (g)",
+        "=== (h)", "r_hat", "posterior predictive ys: shape (4, 300, 10)",
     ]:
         assert expected in out, f"missing {expected!r} in tour output:\n{out}"
     _check_tour_numbers(out)
@@ -61,6 +62,12 @@ def _check_tour_numbers(out):
     lm, kalman, ess, n = _numbers(rf"first 5 steps: importance {NUM}\s+Kalman filter \(exact\) {NUM}\s+ESS = {NUM} of (\d+)", out)
     assert ess > 100
     assert abs(lm - kalman) < 5 * math.sqrt(1 / ess - 1 / n)
+    # NUTS on the known-noise model: the chain mean has s.e. about sd / sqrt(bulk ESS);
+    # 5 s.e. as above.
+    est, _, exact, exact_sd, ess = _numbers(
+        rf"NUTS, known noise: slope {NUM} \+- {NUM}\s+exact {NUM} \+- {NUM}\s+bulk ESS = (\d+)", out)
+    assert ess > 100
+    assert abs(est - exact) < 5 * exact_sd / math.sqrt(ess)
     # Identities, to the printed precision.
     vmap_lm, flat_lm = _numbers(rf"vmap model: log marginal {NUM} \(flat model, same key: {NUM}\)", out)
     assert vmap_lm == flat_lm  # same particle keys, same sites: the same particles
