@@ -81,13 +81,13 @@ def _check_tour_numbers(out):
     assert abs(lp - by_hand) <= 1e-5 * abs(by_hand) + 1e-3
 
 
-def test_quickstart_notebook_executes():
-    # nbformat, nbclient, ipykernel and matplotlib come with the `dev` extra: a missing one
-    # is a broken install and fails here, rather than skipping the notebook silently.
+def _execute_notebook(name):
+    # nbformat, nbclient, ipykernel, matplotlib and arviz come with the `dev` extra: a
+    # missing one is a broken install and fails here, rather than skipping silently.
     import nbclient
     import nbformat
 
-    nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
+    nb = nbformat.read(EXAMPLES / name, as_version=4)
     # "python3" is ipykernel's spec in this environment; jupyter_client starts it with
     # sys.executable, so the kernel sees the same packages as the test.
     client = nbclient.NotebookClient(
@@ -98,4 +98,17 @@ def test_quickstart_notebook_executes():
         out for cell in nb.cells if cell.cell_type == "code"
         for out in cell.get("outputs", []) if out.get("output_type") == "error"
     ]
-    assert not errors, f"notebook cell errored: {errors[0].get('ename')}: {errors[0].get('evalue')}"
+    assert not errors, f"{name}: cell errored: {errors[0].get('ename')}: {errors[0].get('evalue')}"
+    return nb
+
+
+def test_quickstart_notebook_executes():
+    _execute_notebook("quickstart.ipynb")
+
+
+def test_mcmc_notebook_executes():
+    nb = _execute_notebook("mcmc.ipynb")
+    text = "".join(
+        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+    )
+    assert "r_hat" in text and "divergences per chain" in text
