@@ -3,8 +3,9 @@
 Chains are a `jax.vmap` of the kernel's `step`; steps are a `jax.lax.scan` in chunks,
 one jitted function for every chunk (warmup and sampling alike), so a second run with
 the same shapes and new data values compiles nothing. Between chunks the host updates
-the progress bar and keeps the draws past warmup. Chains run on one device
-(sharding them across devices is a later step).
+the progress bar and keeps the draws past warmup. With several devices (GPUs, TPU cores,
+or CPU devices forced with `XLA_FLAGS=--xla_force_host_platform_device_count=4`) and a
+number of chains they divide, each device runs its own chains.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 import ppl
 from ppl.extend import check_args, check_key, combine, format_address, partition
@@ -211,8 +213,21 @@ def _run_chunk(key, index, states, *, kernel, collect, chunk_size):
 
         return jax.lax.scan(body, state, chain_keys)
 
-    states, (draws, info) = jax.vmap(chain)(keys, states)
-    return states, (draws, info)
+    return _over_devices(jax.vmap(chain), num_chains)(keys, states)
+
+
+def _over_devices(fn, num_chains: int):
+    """`fn` (a vmap over chains) split by chain over the devices, when there are several
+    and they divide the chains: each device runs its own chains' loops (`shard_map`), so
+    a NUTS chain's tree building waits only for the chains on its device, as with
+    NumPyro's `chain_method="parallel"`. On one device, `fn` itself."""
+    devices = jax.devices()
+    if len(devices) < 2 or num_chains % len(devices):
+        return fn
+    mesh = Mesh(np.asarray(devices), ("chains",))
+    # check_vma off: numpyro's kernels mix per-chain and constant values in lax.cond
+    return jax.shard_map(fn, mesh=mesh, in_specs=PartitionSpec("chains"), out_specs=PartitionSpec("chains"),
+                         check_vma=False)
 
 
 @functools.partial(

@@ -41,3 +41,45 @@ def test_importance_particles_shard_over_four_devices():
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sharded ok" in out.stdout
+
+
+NUTS_SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    import numpyro.distributions as dist
+    from numpyro.diagnostics import effective_sample_size
+    import inference, ppl
+
+    assert jax.device_count() == 4, jax.devices()
+    calls = []
+    import inference._runner as runner
+    original = runner._over_devices
+    def spy(fn, num_chains):
+        out = original(fn, num_chains)
+        calls.append(out is not fn)
+        return out
+    runner._over_devices = spy
+
+    @ppl.gen
+    def model():
+        mu = ppl.sample("mu", dist.Normal(0.0, 1.0))
+        return ppl.sample("y", dist.Normal(mu, 1.0).expand((4,)))
+
+    y = jnp.array([0.5, 1.0, 1.5, 2.0])
+    s = inference.run_nuts(jax.random.key(0), model, (), {"y": y}, num_warmup=300, num_samples=500,
+                           num_chains=4, progress_bar=False)
+    assert calls and all(calls), calls  # every chunk ran as one shard per device
+    mu = np.asarray(s["mu"])
+    exact_mean, exact_sd = y.sum() / 5, (1 / 5) ** 0.5  # conjugate normal
+    ess = float(effective_sample_size(mu))
+    assert abs(mu.mean() - exact_mean) < 5 * exact_sd / ess**0.5, (mu.mean(), exact_mean, ess)
+    print("sharded chains ok", mu.mean(), ess)
+    """
+)
+
+
+def test_nuts_chains_run_one_shard_per_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", NUTS_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sharded chains ok" in out.stdout
