@@ -14,12 +14,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import numpyro.distributions as dist
 from numpyro.distributions.constraints import Constraint
+from numpyro.distributions.transforms import biject_to
 
 import ppl
 from ppl.extend import combine, format_address, partition
 
-__all__ = ["check_constraint_values"]
+__all__ = ["check_constraint_values", "IMPROPER_START"]
+
+
+class _ImproperStart(ppl.SiteHandler):
+    """Lets an improper site (`ImproperUniform`, which has no sampler) be drawn, from a
+    placeholder `t(u)`, `u ~ Uniform(-2, 2)` on the real line (numpyro's uniform start):
+    for surveys that only need shapes, and for MCMC starts that replace the value."""
+
+    def process(self, site):
+        if site.kind != "latent" or site.value is not None or not isinstance(site.fn, dist.ImproperUniform):
+            return site
+        t = biject_to(site.fn.support)
+        shape = t.inverse_shape(site.fn.shape())
+        base = dist.Uniform(-2.0, 2.0).expand(shape).to_event(len(shape))
+        return site._replace(fn=dist.TransformedDistribution(base, t))
+
+
+IMPROPER_START = _ImproperStart()
 
 
 class _Survey(ppl.SiteHandler):
@@ -31,9 +50,12 @@ class _Survey(ppl.SiteHandler):
     def process(self, site):
         if site.kind == "latent":
             d = site.fn
-            dtype = jax.eval_shape(d.sample, jax.random.key(0)).dtype
+            dtype = jnp.result_type(float) if isinstance(d, dist.ImproperUniform) else (
+                jax.eval_shape(d.sample, jax.random.key(0)).dtype
+            )
             support = d.support if _is_static(d.support) else None
             self.sites[site.path] = (dtype, support)
+            return IMPROPER_START.process(site)
         return site
 
 

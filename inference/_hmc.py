@@ -209,6 +209,7 @@ def _kernel(config: _Config) -> Kernel:
         state = init_kernel(
             ParamInfo(z, pe, z_grad), int(num_warmup), **config.numpyro_options(), rng_key=jax.random.key(0)
         )
+        state = state._replace(num_steps=jnp.asarray(state.num_steps, jnp.int32))  # as step's, under x64 too
         return HMCState(trace, state, moved, int(num_warmup))
 
     def step(key, state):

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, PartitionSpec
 import ppl
 from ppl.extend import check_args, check_key, combine, format_address, partition
 
-from ._checks import check_constraint_values
+from ._checks import IMPROPER_START, check_constraint_values
 from ._hmc import HMCState, nuts
 from ._kernels import CycleState, Kernel
 from ._samples import Samples
@@ -240,7 +240,8 @@ def _init(key, dynamic, constraints, init, *, static, model, kernel, num_chains,
 
     def chain(k):
         k_generate, k_uniform = jax.random.split(k)
-        trace, _ = model.generate(k_generate, constraints.merge(init), args)
+        start = ppl.handle(model, IMPROPER_START) if init_strategy == "uniform" else model
+        trace, _ = start.generate(k_generate, constraints.merge(init), args)
         if init_strategy == "uniform":
             given = set(observed) | set(init.addresses())
             u = to_unconstrained(model, args, trace.choices, given)
@@ -275,7 +276,8 @@ def _sites(model, args, constraints, dynamic, static) -> tuple[tuple, tuple]:
     if signature not in _SITES:
         survey = _Survey()
         trace = jax.eval_shape(
-            lambda dyn, cons: ppl.handle(model, survey).generate(jax.random.key(0), cons, combine(dyn, static))[0],
+            lambda dyn, cons: ppl.handle(model, survey, IMPROPER_START).generate(
+                jax.random.key(0), cons, combine(dyn, static))[0],
             dynamic, constraints,
         )
         observed = set(constraints.addresses())

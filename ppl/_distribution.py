@@ -99,8 +99,12 @@ def _concretely_in_support(d: Distribution, value) -> bool:
 
 
 def sample_struct(d: Distribution) -> jax.ShapeDtypeStruct:
-    """Shape and dtype of `d.sample(key)`, found without sampling."""
-    return jax.eval_shape(d.sample, jax.random.key(0))
+    """Shape and dtype of `d.sample(key)`, found without sampling (for a distribution that
+    cannot be sampled, `numpyro.distributions.ImproperUniform`, its shape as floats)."""
+    try:
+        return jax.eval_shape(d.sample, jax.random.key(0))
+    except NotImplementedError:
+        return jax.ShapeDtypeStruct(d.shape(), jnp.result_type(float))
 
 
 def prepare_value(address, d: Distribution, value, what: str):

@@ -28,6 +28,7 @@ import traceback
 
 import jax
 import jax.numpy as jnp
+from numpyro.distributions import ImproperUniform
 
 from . import _keys
 from ._choicemap import ChoiceMap
@@ -201,6 +202,13 @@ class Run:
         return value, site.scale * lp
 
     def draw(self, site: Site):
+        if isinstance(site.fn, ImproperUniform):
+            raise ArgumentError(
+                f"{self.gen_fn.__name__}.{self.method}: site {format_address(site.path)} has an improper prior "
+                f"({type(site.fn).__name__}, support {site.fn.support}), which cannot be drawn. "
+                "Give its value as a constraint; for MCMC, give a start with init={...} or use "
+                "init_strategy='uniform' (run_nuts' default), which starts it on the real line."
+            )
         value = _keys.draw(site.fn, self.site_key(site.address))
         return value, site.scale * log_density(site.fn, value, check_support=False)
 

@@ -8,6 +8,9 @@ with ESS2 the ESS of the squared centered draws. Checks use 5 standard errors (a
 two-sided normal false alarm rate of ~6e-7 per check; the seeds are fixed anyway).
 """
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -335,3 +338,54 @@ def test_to_arviz_or_a_clear_import_error(normal_samples):
     else:
         data = normal_samples.to_arviz()
         assert data.posterior["mu"].shape == (2, 500)
+
+
+@ppl.gen
+def flat_prior_model():
+    """Stan's implicit flat priors: mu on the real line, s on (0, inf)."""
+    mu = ppl.sample("mu", dist.ImproperUniform(dist.constraints.real, (), ()))
+    s = ppl.sample("s", dist.ImproperUniform(dist.constraints.positive, (), ()))
+    return ppl.sample("y", dist.Normal(mu, s).expand((20,)))
+
+
+def test_improper_flat_priors_sample_from_a_uniform_start(key):
+    """With flat priors on mu and s, p(mu | y) is proportional to S(mu)^{-(n-1)/2}
+    (S = sum of squares about mu): a Student-t centred at the sample mean with n - 2 dof
+    and scale sqrt(S(ybar) / (n (n - 2))). The chain mean is within 5 s.e. (sd / sqrt(ESS))."""
+    y = jnp.linspace(-1.0, 3.0, 20)
+    samples = inference.run_nuts(key, flat_prior_model, (), {"y": y}, num_warmup=300, num_samples=500,
+                                 num_chains=2, progress_bar=False)
+    n = y.shape[0]
+    scale = float(jnp.sqrt(jnp.sum((y - y.mean()) ** 2) / (n * (n - 2))))
+    sd = scale * np.sqrt((n - 2) / (n - 4))
+    mu = np.asarray(samples["mu"])
+    ess = float(effective_sample_size(mu))
+    assert abs(mu.mean() - float(y.mean())) < 5 * sd / np.sqrt(ess)
+    assert abs(mu.std() - sd) < 0.2 * sd
+    # an improper prior has no sampler: drawing it is an error that says what to do
+    with pytest.raises(ppl.ArgumentError, match="'mu' has an improper prior.*init_strategy='uniform'"):
+        flat_prior_model.simulate(key, ())
+    with pytest.raises(ppl.ArgumentError, match="improper prior"):
+        inference.run_mcmc(key, inference.nuts(), flat_prior_model, (), {"y": y}, num_warmup=5, num_samples=5,
+                           num_chains=1, progress_bar=False)
+
+
+X64_SCRIPT = """
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp, numpyro.distributions as dist, ppl, inference
+@ppl.gen
+def model():
+    mu = ppl.sample("mu", dist.Normal(0.0, 1.0))
+    return ppl.sample("y", dist.Normal(mu, 1.0))
+s = inference.run_nuts(jax.random.key(0), model, (), {"y": 1.0}, num_warmup=50, num_samples=50, num_chains=2,
+                       progress_bar=False)
+assert s["mu"].dtype == jnp.float64, s["mu"].dtype
+print("x64 ok")
+"""
+
+
+def test_nuts_runs_in_float64():
+    out = subprocess.run([sys.executable, "-c", X64_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "x64 ok" in out.stdout
