@@ -14,13 +14,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro.distributions as dist
 import pytest
 from numpyro.diagnostics import effective_sample_size
-from numpyro.distributions.transforms import biject_to
 
 import inference
 import ppl
+from inference._checks import IMPROPER_START
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from posteriordb import models, reference  # noqa: E402
@@ -35,22 +34,10 @@ def _precision(name):
     return jax.enable_x64(True) if name in FLOAT64_ONLY else jax.enable_x64(False)
 
 
-class _UniformStart(ppl.SiteHandler):
-    """Draws a Stan-style flat-prior site (ImproperUniform, no sampler) as t(u) with
-    u ~ Uniform(-2, 2) on the real line, so these models can be simulated for a start."""
-
-    def process(self, site):
-        if site.kind != "latent" or site.value is not None or not isinstance(site.fn, dist.ImproperUniform):
-            return site
-        t = biject_to(site.fn.support)
-        shape = t.inverse_shape(site.fn.shape())
-        base = dist.Uniform(-2.0, 2.0).expand(shape).to_event(len(shape))
-        return site._replace(fn=dist.TransformedDistribution(base, t))
-
-
 def _start(posterior, key, args):
-    """A trace of the model with its flat-prior sites at a uniform start."""
-    started = ppl.handle(posterior.model, _UniformStart()).simulate(key, args).choices
+    """A trace of the model with its flat-prior sites (ImproperUniform, no sampler) at
+    MCMC's uniform start: t(u), u ~ Uniform(-2, 2) on the real line."""
+    started = ppl.handle(posterior.model, IMPROPER_START).simulate(key, args).choices
     trace, _ = posterior.model.generate(key, started, args)
     return trace
 
