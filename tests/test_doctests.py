@@ -11,10 +11,11 @@ import pytest
 
 import inference
 import ppl
+import smc
 
 MODULES = sorted(
     f"{pkg.__name__}.{info.name}"
-    for pkg in (ppl, inference)
+    for pkg in (ppl, inference, smc)
     for info in pkgutil.iter_modules(pkg.__path__)
 )
 
@@ -22,7 +23,7 @@ MODULES = sorted(
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)
-    globs = {"jax": jax, "jnp": jnp, "dist": dist, "ppl": ppl, "inference": inference}
+    globs = {"jax": jax, "jnp": jnp, "dist": dist, "ppl": ppl, "inference": inference, "smc": smc}
     failures, attempted = doctest.testmod(module, extraglobs=globs, optionflags=doctest.ELLIPSIS, verbose=False)
     if attempted == 0:
         pytest.skip(f"{name} has no docstring examples")

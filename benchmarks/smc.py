@@ -1,0 +1,208 @@
+"""SMC benchmark: the bootstrap particle filter against the same filter hand-coded in plain JAX.
+
+Run `python benchmarks/smc.py` (N = 1,000, 10,000, 100,000) or `python benchmarks/smc.py
+--quick` (N = 1,000 only, few repeats).
+
+Model and data: the linear-Gaussian state-space model of the shared benchmark data
+`/work/shared/reference/bench/lgssm_T100.npz` (its README): x_0 ~ N(0, sx^2 / (1 - phi^2)),
+x_t = phi x_{t-1} + N(0, sx^2), y_t = x_t + N(0, sy^2), phi = 0.9, sx = 1, sy = 0.5, T = 100,
+every y_t observed (y_0 included). The file's `y` is used as is (float32); its exact
+(Kalman) log likelihood is -153.12478, recomputed here in float64. (`_common.make_lgss_data`
+simulates a different series, from x_0 = 0, so it is not used.) In the framework the model is
+`ppl.scan(step)` of a kernel `step(x_prev, scale)` sampling "x" ~ Normal(phi x_prev, scale)
+and "y" ~ Normal(x, sy), called with args `(0.0, scales)`, scales[0] = sx / sqrt(1 - phi^2)
+(the stationary start) and scales[t] = sx after, constrained with `{"y": y}`.
+
+Every implementation is a bootstrap filter with N particles and systematic resampling
+before every step t >= 1 (`ess_threshold=1.0`), and returns the log evidence estimate.
+`batch` is N. Implementations (`impl`):
+
+  `framework_direct`   `smc.particle_filter(...)` called as is: its Python-side checks, the
+                       jitted run, the host read of its status flag, and the full result
+                       (log weights, ESS [T], ancestors [T, N], the step traces [T, N] that
+                       `paths()` needs).
+  `framework_jit`      `jax.jit(lambda k: smc.particle_filter(...).log_marginal)`: XLA prunes
+                       the stored history. Same key, so the same particles as framework_direct.
+  `handcoded_batched`  plain JAX: one `lax.scan` over steps, `normal(k_t, (N,))` per step,
+                       `jax.scipy.stats.norm.logpdf`, systematic resampling by `searchsorted`
+                       on the weight CDF and a gather; returns (log Z, final log weights,
+                       final particles). The lower bound a user could reach; the target is
+                       framework_jit <= 1.25x this.
+  `handcoded_keys`     the same, with per-particle keys: particle slot i draws
+                       `normal(fold_in(keys[i], t))`, keys = split(key, N) (as `vmap` over a
+                       per-particle function would).
+
+Output: one JSON object per line (the schema of `core.py`, see `_common.row`):
+run_ms_median / run_ms_iqr over interleaved repeats after warm-up, compile_ms (first call of
+a fresh jit after `jax.clear_caches()`), ratio_vs_handcoded (vs `handcoded_batched`, the
+target's reference), ratio_vs_lower_bound (the same), plus `ratio_vs_handcoded_keys`,
+`log_marginal` (the mean over 20 seeds), `log_marginal_sd` (their sd), `log_marginal_exact`.
+Before timing the script checks every implementation's 20-seed mean against the Kalman
+value: |mean - exact| < 5 sd / sqrt(20) + sd^2 / 2 (the -Var/2 bias of log Z-hat), and
+exits with status 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from jax.scipy.special import logsumexp
+from jax.scipy.stats import norm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+import _common  # noqa: E402
+from _common import first_call_ms, log, time_interleaved  # noqa: E402
+
+import ppl  # noqa: E402
+import smc  # noqa: E402
+
+DATA = "/work/shared/reference/bench/lgssm_T100.npz"
+NUM_SEEDS = 20
+
+
+def load():
+    d = np.load(DATA)
+    phi, sx, sy = float(d["phi"]), float(d["sx"]), float(d["sy"])
+    return jnp.asarray(d["y"], jnp.float32), phi, sx, sy
+
+
+def kalman_log_likelihood(ys, phi, sx, sy):
+    """Exact log p(ys), float64, stationary start."""
+    m, p, ll = 0.0, sx**2 / (1 - phi**2), 0.0
+    for t, y in enumerate(np.asarray(ys, np.float64)):
+        if t > 0:
+            m, p = phi * m, phi**2 * p + sx**2
+        s = p + sy**2
+        ll += -0.5 * (math.log(2 * math.pi * s) + (y - m) ** 2 / s)
+        gain = p / s
+        m, p = m + gain * (y - m), (1 - gain) * p
+    return ll
+
+
+def scales(num_steps, phi, sx):
+    return jnp.full((num_steps,), sx, jnp.float32).at[0].set(sx / math.sqrt(1 - phi**2))
+
+
+def framework_model(phi, sy):
+    @ppl.gen
+    def step(x_prev, scale):
+        x = ppl.sample("x", dist.Normal(phi * x_prev, scale))
+        ppl.sample("y", dist.Normal(x, sy))
+        return x, None
+
+    return ppl.scan(step)
+
+
+def systematic(key, log_w, n):
+    """Hand-coded systematic resampling (the same algorithm as smc.systematic)."""
+    w = jnp.exp(log_w - logsumexp(log_w))
+    cdf = jnp.cumsum(w)
+    u = (jnp.arange(n) + jax.random.uniform(key, ())) / n
+    return jnp.clip(jnp.searchsorted(cdf, u * cdf[-1], side="right"), 0, n - 1)
+
+
+def handcoded(key, ys, sc, phi, sy, n, per_particle_keys):
+    """Bootstrap PF, resampling before every step t >= 1. Returns (log Z, log weights, x)."""
+    k_draw, k_res = jax.random.split(key)
+    keys = jax.random.split(k_draw, n) if per_particle_keys else None
+
+    def body(state, inp):
+        x, log_w, log_z = state
+        t, y, scale = inp
+        a = jax.lax.cond(t > 0, lambda: systematic(jax.random.fold_in(k_res, t), log_w, n),
+                         lambda: jnp.arange(n))
+        x, log_w = x[a], jnp.where(t > 0, -math.log(n), log_w)
+        if per_particle_keys:
+            eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t)))(keys)
+        else:
+            eps = jax.random.normal(jax.random.fold_in(k_draw, t), (n,))
+        x = phi * x + scale * eps
+        log_w = log_w + norm.logpdf(y, x, sy)
+        lz = logsumexp(log_w)
+        return (x, log_w - lz, log_z + lz), None
+
+    init = (jnp.zeros((n,)), jnp.full((n,), -math.log(n)), jnp.zeros(()))
+    (x, log_w, log_z), _ = jax.lax.scan(body, init, (jnp.arange(len(ys)), ys, sc))
+    return log_z, log_w, x
+
+
+def makers(ys, sc, phi, sy, n):
+    model = framework_model(phi, sy)
+    run = lambda k: smc.particle_filter(k, model, (0.0, sc), {"y": ys}, n,  # noqa: E731
+                                        resampling="systematic", ess_threshold=1.0)
+    return {
+        "framework_direct": lambda: run,
+        "framework_jit": lambda: jax.jit(lambda k: run(k).log_marginal),
+        "handcoded_batched": lambda: jax.jit(lambda k: handcoded(k, ys, sc, phi, sy, n, False)),
+        "handcoded_keys": lambda: jax.jit(lambda k: handcoded(k, ys, sc, phi, sy, n, True)),
+    }
+
+
+def log_marginal_of(out):
+    if isinstance(out, smc.ParticleFilterResult):
+        return out.log_marginal
+    return out[0] if isinstance(out, tuple) else out
+
+
+def bench(ys, sc, phi, sy, n, exact, repeats, warmup):
+    label = f"smc_bootstrap T={len(ys)} N={n}"
+    fns, compile_ms = {}, {}
+    for name, make in makers(ys, sc, phi, sy, n).items():
+        log(f"{label}: compiling {name}")
+        fns[name], _, compile_ms[name] = first_call_ms(make, (jax.random.key(0),))
+    stats = {}
+    for name, fn in fns.items():
+        lz = np.array([float(log_marginal_of(fn(jax.random.key(s)))) for s in range(NUM_SEEDS)])
+        mean, sd = lz.mean(), lz.std(ddof=1)
+        stats[name] = (mean, sd)
+        tol = 5 * sd / math.sqrt(NUM_SEEDS) + sd**2 / 2 + 1e-4 * abs(exact)
+        log(f"{label}: {name} log Z mean {mean:.4f} sd {sd:.4f} (exact {exact:.4f}, tolerance {tol:.4f})")
+        if not abs(mean - exact) < tol:
+            sys.exit(f"benchmarks/smc.py: FAILED CHECK: {label}: {name} log Z mean {mean:.4f} over "
+                     f"{NUM_SEEDS} seeds, exact {exact:.4f}, tolerance {tol:.4f}.")
+    log(f"{label}: timing {repeats} x {len(fns)} (interleaved)")
+    samples = time_interleaved(fns, (jax.random.key(0),), repeats, warmup)
+    ref = float(np.median(samples["handcoded_batched"]))
+    keys_ms = float(np.median(samples["handcoded_keys"]))
+    for name in fns:
+        mean, sd = stats[name]
+        _common.emit("smc_bootstrap", name, n, samples[name], compile_ms[name], ref, ref,
+                     ratio_vs_handcoded_keys=round(float(np.median(samples[name])) / keys_ms, 3),
+                     log_marginal=round(mean, 4), log_marginal_sd=round(sd, 4),
+                     log_marginal_exact=round(exact, 4), num_steps=len(ys))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="N = 1,000 only, few repeats")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc at its defaults (see _common.keep_freed_memory)")
+    a = p.parse_args(argv)
+    if not a.system_malloc and not _common.keep_freed_memory():
+        log("note: could not set glibc malloc options; timings include page faults")
+    ys, phi, sx, sy = load()
+    sc = scales(len(ys), phi, sx)
+    exact = kalman_log_likelihood(ys, phi, sx, sy)
+    if abs(exact - (-153.12478)) > 1e-3:
+        sys.exit(f"benchmarks/smc.py: FAILED CHECK: Kalman log likelihood {exact:.5f}, "
+                 "README says -153.12478.")
+    # One-time process costs (lazy imports, small helper jits) before any compile timing.
+    for make in makers(ys[:3], sc[:3], phi, sy, 2).values():
+        jax.block_until_ready(log_marginal_of(make()(jax.random.key(0))))
+    if a.quick:
+        bench(ys, sc, phi, sy, 1_000, exact, repeats=10, warmup=2)
+    else:
+        bench(ys, sc, phi, sy, 1_000, exact, repeats=50, warmup=3)
+        bench(ys, sc, phi, sy, 10_000, exact, repeats=30, warmup=3)
+        bench(ys, sc, phi, sy, 100_000, exact, repeats=15, warmup=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""Particle filtering of a `ppl.scan` state-space model, one `lax.scan` over its steps.
+
+`particle_filter` advances N particles through the scan one step at a time with
+`ScanGF.step` (the kernel's `generate` at the step's carry and input, under the key
+step `t` of a whole run would use), weights them by the step's observations, and
+resamples (a gather over the particles' carries) when the effective sample size falls
+below `ess_threshold * N`. The whole run is one jit-compiled `lax.scan`; particle `i`
+draws with `ppl.particle_key(key, i)`, so a step costs about one hash per drawn value,
+as batched hand-written code. The step traces of every step are kept ([T, N, ...]),
+and `ParticleFilterResult.paths()` traces each final particle's genealogy back
+through `ancestors` to rebuild whole trajectories as traces of the scan model.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Literal, jaxpr_as_fun
+from jax.scipy.special import logsumexp
+
+from inference._checks import check_constraint_values
+from ppl import ArgumentError, ChoiceMap, GenerativeFunction, InferenceError, ObservationError, ScanGF, Trace
+from ppl import particle_key
+from ppl.extend import check_args, check_key, combine, format_address, is_concrete, partition
+
+from ._resampling import get_resampler
+
+__all__ = ["particle_filter", "ParticleFilterResult"]
+
+_WHERE = "smc.particle_filter"
+
+
+@jax.tree_util.register_pytree_node_class
+class ParticleFilterResult:
+    """The output of `particle_filter` over T steps with N particles.
+
+    Fields:
+      log_marginal:    [] log of the unbiased estimate of the evidence p(observations):
+                       the sum over steps of log sum_i W_{t-1}^i exp(w_t^i), with W the
+                       normalized weights before step t and w_t the step's incremental
+                       log weights. -inf when a step left every particle impossible.
+      log_weights:     [N] normalized log weights of the final particles (logsumexp = 0).
+      ess:             [T] effective sample size after each step's reweighting (before
+                       any resampling at the next step), in [1, N]; 0 at a degenerate step.
+      ancestors:       [T, N] int32: particle j of step t extends particle ancestors[t, j]
+                       of step t - 1 (ancestors[0] = arange(N); a row is arange(N) where
+                       the filter did not resample).
+      resampled:       [T] bool: whether the particles were resampled before step t.
+      degenerate_step: [] int32: the first step at which every weight became -inf (or a
+                       weight NaN or +inf), -1 if none. Called eagerly, the filter raises
+                       instead; under `jax.jit` check this field.
+      particles:       (property) the final step's kernel traces, a batch of N traces:
+                       `particles["x"].shape == (N, ...)`, weighted by `log_weights`.
+
+    `paths()` gives each final particle's whole trajectory, its genealogy traced back
+    through `ancestors`: a batch of N traces of the scan model, choices [N, T, ...].
+    Leaves that are the same for every particle (observations, inputs) are stored once
+    per step and broadcast on access.
+    """
+
+    def __init__(self, steps, aux, dynamic_args, log_marginal, log_weights, ess, ancestors, resampled,
+                 degenerate_step):
+        self._steps = steps  # kernel traces stacked over steps, [T, N, ...] or [T, ...] (shared)
+        self._aux = aux  # (model, static part of args, per-leaf is_batched flags of _steps)
+        self._dynamic_args = dynamic_args
+        self.log_marginal = log_marginal
+        self.log_weights = log_weights
+        self.ess = ess
+        self.ancestors = ancestors
+        self.resampled = resampled
+        self.degenerate_step = degenerate_step
+
+    @property
+    def num_particles(self) -> int:
+        return self.log_weights.shape[-1]
+
+    @property
+    def num_steps(self) -> int:
+        return self.ancestors.shape[-2]
+
+    @property
+    def model(self) -> ScanGF:
+        return self._aux[0]
+
+    @property
+    def args(self) -> tuple:
+        """The scan's args `(init_carry, xs)` the filter ran with."""
+        return combine(self._dynamic_args, self._aux[1])
+
+    def normalized_weights(self) -> jax.Array:
+        """[N] final weights summing to one."""
+        return jnp.exp(self.log_weights)
+
+    @property
+    def particles(self) -> Trace:
+        """The final particles: the kernel's traces at the last step, leaves [N, ...]."""
+        n = self.num_particles
+        leaves, treedef = jax.tree.flatten(self._steps)
+        out = [leaf[-1] if batched else jnp.broadcast_to(leaf[-1], (n,) + jnp.shape(leaf)[1:])
+               for leaf, batched in zip(leaves, self._aux[2])]
+        return jax.tree.unflatten(treedef, out)
+
+    def paths(self) -> Trace:
+        """Whole trajectories of the final particles: N traces of the scan model.
+
+        Particle j's path follows its genealogy back from the last step: its index at
+        step t - 1 is `ancestors[t]` of its index at step t. Returns a batch of scan
+        traces (choices [N, T, ...], `score` [N] the log joint of each path, args
+        broadcast to [N, ...]); path j ends in `particles` j and carries weight
+        `log_weights[j]`.
+        """
+        model, _, is_batched = self._aux
+        indices = _lineage(self.ancestors)  # [T, N]: the index of path j at step t
+        time = jnp.arange(indices.shape[0])[:, None]
+        leaves, treedef = jax.tree.flatten(self._steps)
+        gathered = [jnp.moveaxis(leaf[time, indices], 0, 1) if batched else leaf
+                    for leaf, batched in zip(leaves, is_batched)]
+        in_axes = jax.tree.unflatten(treedef, [0 if b else None for b in is_batched])
+        args = self.args
+        return jax.vmap(lambda steps: model.assemble(args, steps), in_axes=(in_axes,))(
+            jax.tree.unflatten(treedef, gathered))
+
+    def __repr__(self):
+        return (f"ParticleFilterResult(num_particles={self.num_particles}, num_steps={self.num_steps}, "
+                f"log_marginal={self.log_marginal})")
+
+    def tree_flatten(self):
+        children = (self._steps, self._dynamic_args, self.log_marginal, self.log_weights, self.ess,
+                    self.ancestors, self.resampled, self.degenerate_step)
+        return children, self._aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        steps, dynamic_args, *rest = children
+        return cls(steps, aux, dynamic_args, *rest)
+
+
+def particle_filter(
+    key,
+    model: ScanGF,
+    args: tuple,
+    observations,
+    num_particles: int,
+    proposal: GenerativeFunction | None = None,
+    resampling="systematic",
+    ess_threshold: float = 0.5,
+    rejuvenation=None,
+) -> ParticleFilterResult:
+    """Sequential Monte Carlo over the steps of a `ppl.scan` state-space model.
+
+    At each step t = 0..T-1: if t > 0 and ESS / N < `ess_threshold`, resample (draw
+    ancestors with `resampling`, gather every particle's carry, reset the weights to
+    uniform); then advance each particle with `model.step` under the step's
+    observations and add the step's incremental log weight. With the default bootstrap
+    proposal the latents come from the kernel's prior and the increment is `generate`'s
+    weight, log p(y_t, factors_t | latents_t, carry). With a `proposal` generative
+    function, called as `proposal.simulate(key, (carry, x_t, observations_t))` with
+    `observations_t` the step's observations (a `ChoiceMap`), its choices (named by
+    the kernel's latent addresses) are constrained in `generate` and the increment is
+    `generate`'s weight minus the proposal's score.
+
+    Args:
+      key: a `jax.random` key.
+      model: a `ppl.scan(kernel, length)` generative function.
+      args: the scan's args `(init_carry, xs)`; `xs` (leading axis T) or None.
+      observations: a choice map or dict of the kernel's addresses, each holding every
+        step's values stacked along a leading axis T, e.g. `{"y": ys}` with ys [T, ...].
+      num_particles: N, a static int.
+      proposal: optional generative function proposing each step's latent choices.
+      resampling: "systematic" (default), "stratified", "residual", "multinomial", or
+        a function `(key, log_weights [N], n) -> ancestors [n] int32`.
+      ess_threshold: resample before step t when ESS < ess_threshold * N; a number in
+        [0, 1]: 1.0 resamples before every step, 0.0 never.
+      rejuvenation: not implemented yet (must be None).
+
+    Returns a `ParticleFilterResult`: log_marginal [], log_weights [N] (normalized),
+    ess [T], ancestors [T, N], resampled [T], degenerate_step [], `particles` (the last
+    step's traces, [N, ...]) and `paths()` (whole trajectories, choices [N, T, ...]).
+    The filter is one jit-compiled `lax.scan`; it is jittable and vmappable as a whole
+    (e.g. over keys). Early stopping (ending a run when every particle is finished) is
+    not implemented yet.
+
+    Errors: `ArgumentError` for a model that is not a `ppl.scan`, an `ess_threshold`
+    outside [0, 1], an unknown resampling name; `ObservationError` for observations
+    whose leading axis is not the number of steps T, or non-finite. Called eagerly, a
+    step at which every particle has log weight -inf (or a weight is NaN or +inf)
+    raises `InferenceError` naming the step and the site; under `jax.jit` the result is
+    returned without NaN (log_marginal = -inf, the weights reset to uniform, ess 0 at
+    that step) and `degenerate_step` holds the step.
+
+    >>> import numpyro.distributions as dist, ppl
+    >>> @ppl.gen
+    ... def step(x, _):
+    ...     x = ppl.sample("x", dist.Normal(0.9 * x, 1.0))
+    ...     ppl.sample("y", dist.Normal(x, 0.5))
+    ...     return x, None
+    >>> model = ppl.scan(step, length=10)
+    >>> ys = jnp.linspace(-1.0, 1.0, 10)
+    >>> res = particle_filter(jax.random.key(0), model, (0.0, None), {"y": ys}, 100)
+    >>> res.log_marginal.shape, res.ess.shape, res.ancestors.shape, res.particles["x"].shape
+    ((), (10,), (10, 100), (100,))
+    >>> res.paths()["x"].shape
+    (100, 10)
+    """
+    if not isinstance(model, ScanGF):
+        what = model.__name__ if isinstance(model, GenerativeFunction) else type(model).__name__
+        raise ArgumentError(
+            f"{_WHERE}: the model must be a state-space model written as ppl.scan(kernel, length=T), "
+            f"with kernel a generative function (carry, x) -> (new_carry, y) that samples one step; got "
+            f"{what}. Wrap the per-step model: model = ppl.scan(step, length=T), called with args "
+            "(init_carry, xs)."
+        )
+    key = check_key(key, model, _WHERE)
+    args = check_args(args, model, _WHERE)
+    is_int = isinstance(num_particles, (int, np.integer)) and not isinstance(num_particles, bool)
+    if not is_int or num_particles < 1:
+        raise ArgumentError(f"{_WHERE}: num_particles must be a positive int, got {num_particles!r}.")
+    ess_threshold = _check_threshold(ess_threshold)
+    resampler = get_resampler(resampling, _WHERE)
+    if proposal is not None and not isinstance(proposal, GenerativeFunction):
+        raise ArgumentError(
+            f"{_WHERE}: proposal must be a generative function called with args (carry, x, observations_t), "
+            f"got {type(proposal).__name__}."
+        )
+    if rejuvenation is not None:
+        raise NotImplementedError(
+            f"{_WHERE}: rejuvenation is not implemented yet: an MCMC move after resampling needs a trace "
+            "of each particle's whole prefix. Pass rejuvenation=None, or run an MCMC kernel on the "
+            "result's paths()."
+        )
+    num_steps = model.num_steps(args)
+    observations = ChoiceMap.of(observations)
+    _check_observations(observations, num_steps, model)
+    check_constraint_values(model, args, observations, _WHERE)
+    dynamic, static = partition(args)
+    result, status = _particle_filter(
+        key, dynamic, observations, static=static, model=model, num_particles=int(num_particles),
+        proposal=proposal, resampler=resampler, ess_threshold=ess_threshold,
+    )
+    _raise_if_degenerate(result, status)
+    return result
+
+
+@functools.partial(jax.jit, static_argnames=("static", "model", "num_particles", "proposal", "resampler",
+                                             "ess_threshold"))
+def _particle_filter(key, dynamic, observations, *, static, model, num_particles, proposal, resampler,
+                     ess_threshold):
+    args = combine(dynamic, static)
+    init_carry, xs = args
+    num_steps = model.num_steps(args)
+    n = num_particles
+    k_model, k_proposal, k_resample = jax.random.split(key, 3)
+    indices = jnp.arange(n, dtype=jnp.uint32)
+    uniform = jnp.full((n,), -math.log(n))
+
+    def advance(i, carry, t, x, obs):
+        """Particle i through step t: (step trace, incremental log weight, new carry)."""
+        if proposal is None:
+            return model.step(particle_key(k_model, i), t, carry, x, obs)
+        q = proposal.simulate(particle_key(jax.random.fold_in(k_proposal, t), i), (carry, x, obs))
+        _check_proposed(q.choices, obs, proposal)
+        tr, w, new_carry = model.step(particle_key(k_model, i), t, carry, x, obs.merge(q.choices))
+        return tr, w - q.score, new_carry
+
+    def resample(t, carry, log_w):
+        ess = jnp.exp(-logsumexp(2.0 * log_w))
+        do = (t > 0) & ((ess < ess_threshold * n) | (ess_threshold >= 1.0))
+        ancestors = jax.lax.cond(
+            do, lambda: resampler(jax.random.fold_in(k_resample, t), log_w, n).astype(jnp.int32),
+            lambda: jnp.arange(n, dtype=jnp.int32))
+        carry = jax.tree.map(lambda c: c[ancestors], carry)
+        return carry, jnp.where(do, uniform, log_w), ancestors, do
+
+    flags = []
+
+    def body(state, inputs):
+        carry, log_w, log_z = state
+        t, x, obs = inputs
+        if ess_threshold > 0.0:
+            carry, log_w, ancestors, did = resample(t, carry, log_w)
+        else:
+            ancestors, did = jnp.arange(n, dtype=jnp.int32), jnp.zeros((), bool)
+        (tr, inc, new_carry), is_batched = _vmap_shared(lambda i, c: advance(i, c, t, x, obs), indices, carry)
+        flags[:] = [is_batched[: len(jax.tree.leaves(tr))]]
+        new_carry = _like_carry(new_carry, carry, model)
+        log_w = log_w + jnp.broadcast_to(inc, (n,))
+        log_z_t = logsumexp(log_w)
+        is_dead = jnp.isneginf(log_z_t)
+        is_bad = jnp.isnan(log_z_t) | jnp.isposinf(log_z_t)
+        log_w = jnp.where(is_dead | is_bad, uniform, log_w - log_z_t)
+        ess = jnp.where(is_dead | is_bad, 0.0, jnp.exp(-logsumexp(2.0 * log_w)))
+        return (new_carry, log_w, log_z + log_z_t), (tr, ancestors, ess, did, is_dead | is_bad)
+
+    carry0 = jax.tree.map(lambda c: jnp.broadcast_to(_strong(c), (n,) + jnp.shape(c)), init_carry)
+    state0 = (carry0, uniform, jnp.zeros(()))
+    try:
+        (_, log_w, log_z), (steps, ancestors, ess, resampled, degenerate) = jax.lax.scan(
+            body, state0, (jnp.arange(num_steps), xs, observations), length=num_steps)
+    except TypeError as e:
+        if "carry" not in str(e):
+            raise
+        raise ArgumentError(
+            f"{_WHERE}: the kernel {model.kernel.__name__} must return a new carry of the same structure, "
+            f"shapes and dtypes as the carry it receives. JAX says: {e}") from None
+    degenerate_step = jnp.where(jnp.any(degenerate), jnp.argmax(degenerate), -1).astype(jnp.int32)
+    aux = (model, static, tuple(flags[0]))
+    result = ParticleFilterResult(steps, aux, dynamic, log_z, log_w, ess, ancestors, resampled,
+                                  degenerate_step)
+    return result, degenerate_step
+
+
+# -- checks ----------------------------------------------------------------------------------
+
+
+def _check_threshold(ess_threshold) -> float:
+    try:
+        value = float(ess_threshold)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise ArgumentError(
+            f"{_WHERE}: ess_threshold must be a number in [0, 1] known before the run (it decides the "
+            f"compiled program), got {ess_threshold!r}.") from None
+    if not 0.0 <= value <= 1.0:
+        raise ArgumentError(
+            f"{_WHERE}: ess_threshold must lie in [0, 1] (resample when ESS < ess_threshold * N; 1.0 "
+            f"resamples at every step, 0.0 never), got {ess_threshold!r}.")
+    return value
+
+
+def _check_observations(observations: ChoiceMap, num_steps: int, model: ScanGF) -> None:
+    for address, value in observations.flat_items():
+        shape = jnp.shape(value)
+        if not shape or shape[0] != num_steps:
+            raise ObservationError(
+                f"{_WHERE}: observation {format_address(address)} has shape {tuple(shape)}, but "
+                f"{model.__name__} "
+                f"runs {num_steps} steps: expected a leading axis of length {num_steps} (one value per step, "
+                f"time first), e.g. {{'y': ys}} with ys.shape == ({num_steps}, ...). To observe some steps "
+                "only, give every step and mask the missing ones in the kernel "
+                "(dist.Normal(...).mask(is_observed)).")
+
+
+def _check_proposed(proposed: ChoiceMap, obs: ChoiceMap, proposal) -> None:
+    both = set(proposed.addresses()) & set(obs.addresses())
+    if both:
+        raise ArgumentError(
+            f"{_WHERE}: the proposal {proposal.__name__} proposes "
+            f"{', '.join(map(format_address, sorted(both)))}, "
+            "which the observations constrain; a proposal covers a step's latent choices only.")
+
+
+def _raise_if_degenerate(result: ParticleFilterResult, status) -> None:
+    """Name the step (and site) where every weight died; reads one int on the host."""
+    if not is_concrete(status):
+        return  # under a user's jit: result.degenerate_step reports it
+    t = int(status)
+    if t < 0:
+        return
+    model, n = result.model, result.num_particles
+    leaves, treedef = jax.tree.flatten(result._steps)
+    step_trace = jax.tree.unflatten(treedef, [leaf[t] for leaf in leaves])
+    scores = [(a, np.asarray(s)) for a, s in model.kernel._site_scores(step_trace, ())]
+    nan = [format_address(a) for a, s in scores if np.isnan(s).any()]
+    posinf = [format_address(a) for a, s in scores if np.isposinf(s).any()]
+    dead = [format_address(a) for a, s in scores if np.all(np.isneginf(s))]
+    head = f"{_WHERE}: at step {t} (of {result.num_steps}, counting from 0)"
+    if nan:
+        raise InferenceError(f"{head} log weights are NaN; site(s) {', '.join(nan)} have NaN log density. "
+                             "Check the model's parameters for invalid values (negative scales, log of "
+                             "negatives).")
+    if posinf:
+        raise InferenceError(f"{head} log weights are +inf; site(s) {', '.join(posinf)} have log density "
+                             "+inf "
+                             "(a value on a pole of its density, or an infinite factor).")
+    where = f" Site(s) {', '.join(dead)} have log density -inf in every particle." if dead else ""
+    raise InferenceError(
+        f"{head} all {n} particles have log weight -inf: none is possible under that step's "
+        f"observations.{where} "
+        "An observation may lie outside its distribution's support, or the proposal never reaches the region "
+        "the observations allow. (Under jax.jit the filter returns log_marginal = -inf and "
+        "result.degenerate_step instead of raising.)")
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _strong(x):
+    """`x` as an array without weak type (a Python float init carry would not match the kernel's)."""
+    if isinstance(x, jax.Array) and not getattr(x, "weak_type", False):
+        return x
+    return jnp.asarray(x, dtype=jnp.asarray(x).dtype)
+
+
+def _like_carry(new_carry, carry, model):
+    """The kernel's new carry with a particle axis on every leaf (a leaf that depends on
+    no particle comes out of the batch unbatched), checked against the carry it got."""
+    if jax.tree.structure(new_carry) != jax.tree.structure(carry) or any(
+            jnp.shape(a) != jnp.shape(b)[1:] and jnp.shape(a) != jnp.shape(b)
+            for a, b in zip(jax.tree.leaves(new_carry), jax.tree.leaves(carry))):
+        got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), new_carry)
+        want = jax.tree.map(lambda b: jax.ShapeDtypeStruct(jnp.shape(b)[1:], b.dtype), carry)
+        raise ArgumentError(
+            f"{_WHERE}: the kernel {model.kernel.__name__} must return a new carry of the same structure, "
+            f"shapes and dtypes as the carry it receives: got {got}, expected {want}.")
+    return jax.tree.map(lambda a, b: jnp.broadcast_to(a, b.shape).astype(b.dtype), new_carry, carry)
+
+
+def _lineage(ancestors):
+    """[T, N]: the index at step t of the path that ends in particle j at the last step."""
+    last = jnp.arange(ancestors.shape[-1], dtype=ancestors.dtype)
+
+    def back(current, a_t):
+        return a_t[current], current
+
+    _, indices = jax.lax.scan(back, last, ancestors, reverse=True)
+    return indices
+
+
+def _vmap_shared(fn, *batched):
+    """`jax.vmap(fn)(*batched)` with outputs that depend on no batched input left unbatched.
+
+    Returns `(outputs, is_batched)`, `is_batched` one flag per flat output leaf. As
+    `inference`'s `vmap_particles`, with every argument batched (the particle index and
+    the particle's carry): dependence is read off the jaxpr by a forward pass.
+    """
+    first = jax.tree.map(lambda leaf: leaf[0], batched)
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*first)
+    treedef = jax.tree.structure(out_shape)
+    depends = set(closed.jaxpr.invars)
+    for eqn in closed.jaxpr.eqns:
+        if any(not isinstance(v, Literal) and v in depends for v in eqn.invars):
+            depends.update(eqn.outvars)
+    is_batched = tuple(not isinstance(v, Literal) and v in depends for v in closed.jaxpr.outvars)
+    out_axes = [0 if b else None for b in is_batched]
+    leaves = jax.vmap(jaxpr_as_fun(closed), out_axes=out_axes)(*jax.tree.leaves(batched))
+    return jax.tree.unflatten(treedef, leaves), is_batched
