@@ -33,6 +33,7 @@ def test_tour_quick_runs_and_prints_every_section():
         "tour finished",
         "=== (g)",
         "=== (h)", "r_hat", "posterior predictive ys: shape (4, 300, 10)",
+        "=== (i)", "paths(): z of shape (500, 50)",
     ]:
         assert expected in out, f"missing {expected!r} in tour output:\n{out}"
     _check_tour_numbers(out)
@@ -68,6 +69,12 @@ def _check_tour_numbers(out):
         rf"NUTS, known noise: slope {NUM} \+- {NUM}\s+exact {NUM} \+- {NUM}\s+bulk ESS = (\d+)", out)
     assert ess > 100
     assert abs(est - exact) < 5 * exact_sd / math.sqrt(ess)
+    # Particle filter vs Kalman: one run is within 5 sd of the spread over seeds, plus the
+    # low bias of log Z (about Var / 2); the mean of 10 seeds within 5 sd / sqrt(10) + Var / 2.
+    lm, kalman = _numbers(rf"log marginal {NUM}\s+Kalman filter \(exact\) {NUM}\s+resampled", out)
+    mean, sd = _numbers(rf"over 10 seeds: mean {NUM}, sd {NUM}", out)
+    assert abs(lm - kalman) < 5 * sd + sd**2 / 2
+    assert abs(mean - kalman) < 5 * sd / math.sqrt(10) + sd**2 / 2
     # Identities, to the printed precision.
     vmap_lm, flat_lm = _numbers(rf"vmap model: log marginal {NUM} \(flat model, same key: {NUM}\)", out)
     assert vmap_lm == flat_lm  # same particle keys, same sites: the same particles
