@@ -4,7 +4,7 @@ Run `python benchmarks/smc.py` (N = 1,000, 10,000, 100,000) or `python benchmark
 --quick` (N = 1,000 only, few repeats).
 
 Model and data: the linear-Gaussian state-space model of the shared benchmark data
-`/work/shared/reference/bench/lgssm_T100.npz` (its README): x_0 ~ N(0, sx^2 / (1 - phi^2)),
+`benchmarks/data/lgssm_T100.npz` (see data/README.md): x_0 ~ N(0, sx^2 / (1 - phi^2)),
 x_t = phi x_{t-1} + N(0, sx^2), y_t = x_t + N(0, sy^2), phi = 0.9, sx = 1, sy = 0.5, T = 100,
 every y_t observed (y_0 included). The file's `y` is used as is (float32); its exact
 (Kalman) log likelihood is -153.12478, recomputed here in float64. (`_common.make_lgss_data`
@@ -48,6 +48,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,7 @@ from _common import first_call_ms, log, time_interleaved  # noqa: E402
 import ppl  # noqa: E402
 import smc  # noqa: E402
 
-DATA = "/work/shared/reference/bench/lgssm_T100.npz"
+DATA = str(Path(__file__).resolve().parent / "data" / "lgssm_T100.npz")
 NUM_SEEDS = 20
 
 
