@@ -17,7 +17,7 @@ from ._samples import Samples, user_key
 __all__ = ["predictive"]
 
 
-def predictive(key, model: ppl.GenerativeFunction, args: tuple, samples=None, *, num_samples: int | None = None) -> dict:
+def predictive(key, model: ppl.GenerativeFunction, args: tuple, samples=None, num_samples: int | None = None) -> dict:
     """The model run forward at each draw of `samples`, or from the prior.
 
     With `samples` (a `Samples`, or a dict address -> array with leading axes
