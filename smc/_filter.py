@@ -53,6 +53,9 @@ class ParticleFilterResult:
       degenerate_step: [] int32: the first step at which every weight became -inf (or a
                        weight NaN or +inf), -1 if none. Called eagerly, the filter raises
                        instead; under `jax.jit` check this field.
+      step_log_weights: [T, N] normalized log weights of each step's particles after
+                       that step's reweighting (before any resampling at the next step);
+                       the last row is `log_weights`. Backward smoothing reads them.
       particles:       (property) the final step's kernel traces, a batch of N traces:
                        `particles["x"].shape == (N, ...)`, weighted by `log_weights`.
 
@@ -63,7 +66,7 @@ class ParticleFilterResult:
     """
 
     def __init__(self, steps, aux, dynamic_args, log_marginal, log_weights, ess, ancestors, resampled,
-                 degenerate_step):
+                 degenerate_step, step_log_weights=None):
         self._steps = steps  # kernel traces stacked over steps, [T, N, ...] or [T, ...] (shared)
         self._aux = aux  # (model, static part of args, per-leaf is_batched flags of _steps)
         self._dynamic_args = dynamic_args
@@ -73,6 +76,7 @@ class ParticleFilterResult:
         self.ancestors = ancestors
         self.resampled = resampled
         self.degenerate_step = degenerate_step
+        self.step_log_weights = step_log_weights
 
     @property
     def num_particles(self) -> int:
@@ -130,7 +134,7 @@ class ParticleFilterResult:
 
     def tree_flatten(self):
         children = (self._steps, self._dynamic_args, self.log_marginal, self.log_weights, self.ess,
-                    self.ancestors, self.resampled, self.degenerate_step)
+                    self.ancestors, self.resampled, self.degenerate_step, self.step_log_weights)
         return children, self._aux
 
     @classmethod
@@ -293,12 +297,12 @@ def _particle_filter(key, dynamic, observations, *, static, model, num_particles
         is_bad = jnp.isnan(log_z_t) | jnp.isposinf(log_z_t)
         log_w = jnp.where(is_dead | is_bad, uniform, log_w - log_z_t)
         ess = jnp.where(is_dead | is_bad, 0.0, jnp.exp(-logsumexp(2.0 * log_w)))
-        return (new_carry, log_w, log_z + log_z_t), (tr, ancestors, ess, did, is_dead | is_bad)
+        return (new_carry, log_w, log_z + log_z_t), (tr, ancestors, ess, did, is_dead | is_bad, log_w)
 
     carry0 = jax.tree.map(lambda c: jnp.broadcast_to(_strong(c), (n,) + jnp.shape(c)), init_carry)
     state0 = (carry0, uniform, jnp.zeros(()))
     try:
-        (_, log_w, log_z), (steps, ancestors, ess, resampled, degenerate) = jax.lax.scan(
+        (_, log_w, log_z), (steps, ancestors, ess, resampled, degenerate, step_log_w) = jax.lax.scan(
             body, state0, (jnp.arange(num_steps), xs, observations), length=num_steps)
     except TypeError as e:
         if "carry" not in str(e):
@@ -309,7 +313,7 @@ def _particle_filter(key, dynamic, observations, *, static, model, num_particles
     degenerate_step = jnp.where(jnp.any(degenerate), jnp.argmax(degenerate), -1).astype(jnp.int32)
     aux = (model, static, tuple(flags[0]))
     result = ParticleFilterResult(steps, aux, dynamic, log_z, log_w, ess, ancestors, resampled,
-                                  degenerate_step)
+                                  degenerate_step, step_log_w)
     return result, degenerate_step
 
 
