@@ -7,12 +7,24 @@
   ess per step, ancestors, particles, and `paths()` for whole trajectories).
 - Resamplers `multinomial`, `systematic`, `stratified`, `residual`, each a pure
   jittable `(key, log_weights [N], n) -> ancestors [n] int32`.
+- `csmc(key, model, args, observations, reference, num_particles, ancestor_sampling=False)`:
+  conditional SMC, one move of a trajectory that leaves the smoothing distribution
+  invariant; `csmc_kernel` and `particle_gibbs` make it an `inference.Kernel` (states
+  alone, or alternated with a kernel on the parameters) for `inference.run_mcmc`.
+- `backward_simulation(key, result, num_samples)`: forward filtering, backward
+  simulation of smoothed trajectories from a `particle_filter` result.
 
 Not yet here (tracked in the SMC issue): rejuvenation moves, early stopping of finished
-particles, tempered SMC, conditional SMC / particle Gibbs, and the LLM methods.
+particles, tempered SMC, and the LLM methods.
 """
 
+from ._csmc import CSMCResult, csmc
 from ._filter import ParticleFilterResult, particle_filter
+from ._particle_gibbs import (CSMCInfo, CSMCState, ParticleGibbsInfo, ParticleGibbsState, csmc_kernel,
+                              particle_gibbs)
 from ._resampling import multinomial, residual, stratified, systematic
+from ._smoothing import backward_simulation
 
 __all__ = ["particle_filter", "ParticleFilterResult", "multinomial", "systematic", "stratified", "residual"]
+__all__ += ["csmc", "CSMCResult", "csmc_kernel", "particle_gibbs", "CSMCState", "CSMCInfo", "ParticleGibbsState",
+            "ParticleGibbsInfo", "backward_simulation"]
