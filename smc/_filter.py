@@ -179,17 +179,34 @@ def particle_filter(
         a function `(key, log_weights [N], n) -> ancestors [n] int32`.
       ess_threshold: resample before step t when ESS < ess_threshold * N; a number in
         [0, 1]: 1.0 resamples before every step, 0.0 never.
-      rejuvenation: not implemented yet (must be None).
+      rejuvenation: None, or an `inference.Kernel` applied once to every particle each
+        time the filter resamples (use `inference.cycle(k, k, ...)` for several steps).
+        It moves the latent choices of the step the particles have just completed: the
+        kernel runs on that step's trace, a trace of the scan's kernel at the particle's
+        parent carry and input, `(carry_{t-1}, x_t)`, with step t's observations fixed,
+        so it targets p(latents_t | carry_{t-1}, x_t, observations_t), the conditional
+        of the filtering distribution given the particle's past; the particles are
+        equally weighted after resampling, so the filtering distribution is left
+        invariant, and the evidence estimate is unchanged in law. The moved trace's new
+        carry continues the particle. Any kernel on a generative-function trace fits:
+        `inference.mh("x")`, `inference.mh_proposal(q)`, `inference.hmc(...)` (step 0's
+        particles are moved at the first resampling, the last step's are not moved).
 
     Returns a `ParticleFilterResult`: log_marginal [], log_weights [N] (normalized),
     ess [T], ancestors [T, N], resampled [T], degenerate_step [], `particles` (the last
     step's traces, [N, ...]) and `paths()` (whole trajectories, choices [N, T, ...]).
     The filter is one jit-compiled `lax.scan`; it is jittable and vmappable as a whole
-    (e.g. over keys). Early stopping (ending a run when every particle is finished) is
+    (e.g. over keys). With `rejuvenation`, the stored step-t traces are the moved ones
+    (as the filter continued from them), `particles` the last step's, and `ancestors`
+    row t links them: row t is the resampling before step t + 1 (the moved particles
+    are indexed as after it), the first and last rows are `arange(N)`; `paths()` and
+    `step_log_weights` follow (uniform at a step whose particles were resampled).
+    Early stopping (ending a run when every particle is finished) is
     not implemented yet.
 
     Errors: `ArgumentError` for a model that is not a `ppl.scan`, an `ess_threshold`
-    outside [0, 1], an unknown resampling name; `ObservationError` for observations
+    outside [0, 1], an unknown resampling name, a `rejuvenation` that is not an
+    `inference.Kernel` or comes with `ess_threshold=0.0` (which never resamples); `ObservationError` for observations
     whose leading axis is not the number of steps T, or non-finite. Called eagerly, a
     step at which every particle has log weight -inf (or a weight is NaN or +inf)
     raises `InferenceError` naming the step and the site; under `jax.jit` the result is
@@ -230,12 +247,7 @@ def particle_filter(
             f"{_WHERE}: proposal must be a generative function called with args (carry, x, observations_t), "
             f"got {type(proposal).__name__}."
         )
-    if rejuvenation is not None:
-        raise NotImplementedError(
-            f"{_WHERE}: rejuvenation is not implemented yet: an MCMC move after resampling needs a trace "
-            "of each particle's whole prefix. Pass rejuvenation=None, or run an MCMC kernel on the "
-            "result's paths()."
-        )
+    _check_rejuvenation(rejuvenation, ess_threshold)
     num_steps = model.num_steps(args)
     observations = ChoiceMap.of(observations)
     _check_observations(observations, num_steps, model)
@@ -243,16 +255,16 @@ def particle_filter(
     dynamic, static = partition(args)
     result, status = _particle_filter(
         key, dynamic, observations, static=static, model=model, num_particles=int(num_particles),
-        proposal=proposal, resampler=resampler, ess_threshold=ess_threshold,
+        proposal=proposal, resampler=resampler, ess_threshold=ess_threshold, rejuvenation=rejuvenation,
     )
     _raise_if_degenerate(result, status)
     return result
 
 
 @functools.partial(jax.jit, static_argnames=("static", "model", "num_particles", "proposal", "resampler",
-                                             "ess_threshold"))
+                                             "ess_threshold", "rejuvenation"))
 def _particle_filter(key, dynamic, observations, *, static, model, num_particles, proposal, resampler,
-                     ess_threshold):
+                     ess_threshold, rejuvenation=None):
     args = combine(dynamic, static)
     init_carry, xs = args
     num_steps = model.num_steps(args)
@@ -280,14 +292,35 @@ def _particle_filter(key, dynamic, observations, *, static, model, num_particles
         return carry, jnp.where(do, uniform, log_w), ancestors, do
 
     flags = []
+    observed = tuple(observations.addresses())
+    k_rejuvenate = jax.random.fold_in(key, 0x4E7)
+
+    def rejuvenate(t, prev, ancestors, did, carry):
+        """After a resampling, one kernel step on each particle's last step trace (gathered
+        by `ancestors`); returns the moved traces and the carries they end in."""
+
+        def move(prev):
+            gathered = jax.tree.map(lambda leaf: leaf[ancestors], prev)
+
+            def one(k, trace):
+                state = rejuvenation.init(trace, observed=observed, num_warmup=0)
+                return rejuvenation.step(k, state)[0].trace
+
+            moved = jax.vmap(one)(jax.random.split(jax.random.fold_in(k_rejuvenate, t), n), gathered)
+            moved = jax.tree.map(lambda a, b: a.astype(b.dtype), moved, prev)
+            return moved, _like_carry(moved.retval[0], carry, model)
+
+        return jax.lax.cond(did, move, lambda prev: (prev, carry), prev)
 
     def body(state, inputs):
-        carry, log_w, log_z = state
+        carry, log_w, log_z, *prev = state
         t, x, obs = inputs
         if ess_threshold > 0.0:
             carry, log_w, ancestors, did = resample(t, carry, log_w)
         else:
             ancestors, did = jnp.arange(n, dtype=jnp.int32), jnp.zeros((), bool)
+        if rejuvenation is not None:
+            moved, carry = rejuvenate(t, prev[0], ancestors, did, carry)
         (tr, inc, new_carry), is_batched = _vmap_shared(lambda i, c: advance(i, c, t, x, obs), indices, carry)
         flags[:] = [is_batched[: len(jax.tree.leaves(tr))]]
         new_carry = _like_carry(new_carry, carry, model)
@@ -297,12 +330,22 @@ def _particle_filter(key, dynamic, observations, *, static, model, num_particles
         is_bad = jnp.isnan(log_z_t) | jnp.isposinf(log_z_t)
         log_w = jnp.where(is_dead | is_bad, uniform, log_w - log_z_t)
         ess = jnp.where(is_dead | is_bad, 0.0, jnp.exp(-logsumexp(2.0 * log_w)))
+        if rejuvenation is not None:  # keep this step's traces, emit the previous step's, moved
+            tr = _broadcast_batch(tr, flags[0], n)
+            return (new_carry, log_w, log_z + log_z_t, tr), (moved, ancestors, ess, did, is_dead | is_bad, log_w)
         return (new_carry, log_w, log_z + log_z_t), (tr, ancestors, ess, did, is_dead | is_bad, log_w)
 
     carry0 = jax.tree.map(lambda c: jnp.broadcast_to(_strong(c), (n,) + jnp.shape(c)), init_carry)
     state0 = (carry0, uniform, jnp.zeros(()))
+    if rejuvenation is not None:  # a placeholder for "step -1's traces", never read
+        def first_traces():
+            first = jax.tree.map(lambda leaf: leaf[0], (xs, observations))
+            (tr, _, _), is_batched = _vmap_shared(lambda i, c: advance(i, c, 0, *first), indices, carry0)
+            return _broadcast_batch(tr, is_batched[: len(jax.tree.leaves(tr))], n)
+
+        state0 += (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(first_traces)),)
     try:
-        (_, log_w, log_z), (steps, ancestors, ess, resampled, degenerate, step_log_w) = jax.lax.scan(
+        (_, log_w, log_z, *last), (steps, ancestors, ess, resampled, degenerate, step_log_w) = jax.lax.scan(
             body, state0, (jnp.arange(num_steps), xs, observations), length=num_steps)
     except TypeError as e:
         if "carry" not in str(e):
@@ -311,6 +354,9 @@ def _particle_filter(key, dynamic, observations, *, static, model, num_particles
             f"{_WHERE}: the kernel {model.kernel.__name__} must return a new carry of the same structure, "
             f"shapes and dtypes as the carry it receives. JAX says: {e}") from None
     degenerate_step = jnp.where(jnp.any(degenerate), jnp.argmax(degenerate), -1).astype(jnp.int32)
+    if rejuvenation is not None:
+        steps, ancestors, step_log_w = _rejuvenated_history(steps, last[0], ancestors, resampled, step_log_w)
+        flags[:] = [(True,) * len(flags[0])]
     aux = (model, static, tuple(flags[0]))
     result = ParticleFilterResult(steps, aux, dynamic, log_z, log_w, ess, ancestors, resampled,
                                   degenerate_step, step_log_w)
@@ -332,6 +378,21 @@ def _check_threshold(ess_threshold) -> float:
             f"{_WHERE}: ess_threshold must lie in [0, 1] (resample when ESS < ess_threshold * N; 1.0 "
             f"resamples at every step, 0.0 never), got {ess_threshold!r}.")
     return value
+
+
+def _check_rejuvenation(rejuvenation, ess_threshold: float) -> None:
+    from inference import Kernel
+
+    if rejuvenation is None:
+        return
+    if not isinstance(rejuvenation, Kernel):
+        raise ArgumentError(
+            f"{_WHERE}: rejuvenation must be an inference.Kernel acting on a step's trace, e.g. "
+            f"inference.mh('x') or inference.hmc(step_size=0.3, num_steps=5), got {type(rejuvenation).__name__}.")
+    if ess_threshold == 0.0:
+        raise ArgumentError(
+            f"{_WHERE}: rejuvenation moves particles after a resampling, and ess_threshold=0.0 never "
+            "resamples (weighted particles cannot be moved). Use an ess_threshold above 0.")
 
 
 def _check_observations(observations: ChoiceMap, num_steps: int, model: ScanGF) -> None:
@@ -410,6 +471,26 @@ def _like_carry(new_carry, carry, model):
             f"{_WHERE}: the kernel {model.kernel.__name__} must return a new carry of the same structure, "
             f"shapes and dtypes as the carry it receives: got {got}, expected {want}.")
     return jax.tree.map(lambda a, b: jnp.broadcast_to(a, b.shape).astype(b.dtype), new_carry, carry)
+
+
+def _broadcast_batch(tree, is_batched, n: int):
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, [
+        leaf if b else jnp.broadcast_to(leaf, (n,) + jnp.shape(leaf)) for leaf, b in zip(leaves, is_batched)])
+
+
+def _rejuvenated_history(moved, last, ancestors, resampled, step_log_w):
+    """The stored history of a run with rejuvenation: step t's traces as the filter went on
+    from them (moved at the resampling before step t + 1, indexed as after it), linked by
+    the ancestors of the resampling that follows each step. Row t of `moved` is step
+    t - 1's traces (row 0 a placeholder); `last` the last step's."""
+    num_steps, n = ancestors.shape
+    steps = jax.tree.map(lambda m, l: jnp.concatenate([m[1:], l[None]]), moved, last)
+    identity = jnp.arange(n, dtype=ancestors.dtype)[None]
+    links = jnp.concatenate([identity, ancestors[2:], identity]) if num_steps > 1 else identity
+    uniform = jnp.full_like(step_log_w[:-1], -math.log(n))
+    weights = jnp.concatenate([jnp.where(resampled[1:, None], uniform, step_log_w[:-1]), step_log_w[-1:]])
+    return steps, links, weights
 
 
 def _lineage(ancestors):

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import inference
 import ppl
 import smc
 from smc import _filter, _resampling
@@ -109,6 +110,50 @@ def test_locally_optimal_proposal():
     assert abs(lz.mean() - EXACT) < 5 * sd / math.sqrt(len(lz)) + sd**2 / 2 + 1e-4 * abs(EXACT)
     assert sd < 0.5 * boot.std(ddof=1)
     assert abs(mean.mean() - FILTER_MEANS[-1]) < 5 * mean.std(ddof=1) / math.sqrt(len(mean)) + 0.01
+
+
+# -- rejuvenation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", [inference.mh("x"), inference.hmc(step_size=0.3, num_steps=5)],
+                         ids=["mh", "hmc"])
+def test_rejuvenation_leaves_filtering_distribution_invariant(kernel):
+    # The kernel moves x_t given x_{t-1} and y_t after each resampling, targeting
+    # p(x_t | x_{t-1}, y_t): the evidence and the filtering means must still be Kalman's.
+    # Tolerances as in the bootstrap tests: 5 standard errors of the mean over 20 seeds
+    # (from the spread of the seeds' values) plus the -Var/2 bias of log Z-hat; a kernel
+    # that ignored y_t (the prior's conditional) or moved weighted particles is off by far more.
+    num_seeds, n = 20, 200
+
+    def one(key):
+        res = smc.particle_filter(key, MODEL, ARGS, {"y": YS}, n, rejuvenation=kernel)
+        steps = res.paths()  # every step's filtering mean, from the stored (moved) traces
+        step_x = res._steps.choices["x"]  # [T, N]
+        return res.log_marginal, jnp.sum(jnp.exp(res.step_log_weights) * step_x, axis=1), steps["x"]
+
+    keys = jax.random.split(jax.random.key(11), num_seeds)
+    lz, means, paths_x = jax.jit(jax.vmap(one))(keys)
+    lz, means = np.asarray(lz, np.float64), np.asarray(means, np.float64)
+    sd = lz.std(ddof=1)
+    assert abs(lz.mean() - EXACT) < 5 * sd / math.sqrt(num_seeds) + sd**2 / 2 + 1e-3 * abs(EXACT)
+    se = means.std(axis=0, ddof=1) / math.sqrt(num_seeds)
+    assert np.all(np.abs(means.mean(axis=0) - FILTER_MEANS) < 5 * se + 0.01)
+    assert paths_x.shape == (num_seeds, n, T)
+
+
+def test_rejuvenation_history_is_consistent():
+    res = smc.particle_filter(jax.random.key(4), MODEL, ARGS, {"y": YS}, 32, ess_threshold=1.0,
+                              rejuvenation=inference.mh("x"))
+    boot = smc.particle_filter(jax.random.key(4), MODEL, ARGS, {"y": YS}, 32, ess_threshold=1.0)
+    paths = res.paths()
+    # Each path is one trajectory the filter built: its score is the model's log joint.
+    log_joint = jax.vmap(lambda ch: MODEL.assess(ch, ARGS)[0])(paths.choices)
+    np.testing.assert_allclose(log_joint, paths.score, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(paths["x"][:, -1], res.particles["x"])
+    assert np.array_equal(res.ancestors[0], np.arange(32)) and np.array_equal(res.ancestors[-1], np.arange(32))
+    # Moves after each resampling keep more distinct values of the second-to-last state.
+    distinct = lambda r: len(np.unique(np.asarray(r.paths()["x"][:, -2])))  # noqa: E731
+    assert distinct(res) > distinct(boot)
 
 
 @pytest.fixture(scope="module")
@@ -273,8 +318,11 @@ def test_error_threshold_and_resampling_name_and_rejuvenation():
             smc.particle_filter(jax.random.key(0), MODEL, ARGS, {"y": YS}, 10, ess_threshold=bad)
     with pytest.raises(ppl.ArgumentError, match="unknown resampling 'sytematic'.*'systematic'"):
         smc.particle_filter(jax.random.key(0), MODEL, ARGS, {"y": YS}, 10, resampling="sytematic")
-    with pytest.raises(NotImplementedError, match="rejuvenation is not implemented"):
+    with pytest.raises(ppl.ArgumentError, match="rejuvenation must be an inference.Kernel"):
         smc.particle_filter(jax.random.key(0), MODEL, ARGS, {"y": YS}, 10, rejuvenation=object())
+    with pytest.raises(ppl.ArgumentError, match="ess_threshold=0.0 never resamples"):
+        smc.particle_filter(jax.random.key(0), MODEL, ARGS, {"y": YS}, 10, ess_threshold=0.0,
+                            rejuvenation=inference.mh("x"))
 
 
 @ppl.gen
