@@ -4,7 +4,12 @@
   resampling="systematic", ess_threshold=0.5, rejuvenation=None)`: a particle filter
   over the steps of a `ppl.scan` state-space model, built on `ScanGF.step` and
   `ppl.particle_key`; returns a `ParticleFilterResult` (log_marginal, log_weights,
-  ess per step, ancestors, particles, and `paths()` for whole trajectories).
+  ess per step, ancestors, particles, and `paths()` for whole trajectories), with
+  optional MCMC rejuvenation (any `inference.Kernel`) after each resampling.
+- `tempered(key, model, args, observations, num_particles, kernel=None, ...)`: adaptive
+  tempered SMC for a static model, from the prior to the posterior, standard or
+  waste-free; returns a `TemperedResult` (log_marginal, particles, temperatures, ess,
+  acceptance, step sizes).
 - Resamplers `multinomial`, `systematic`, `stratified`, `residual`, each a pure
   jittable `(key, log_weights [N], n) -> ancestors [n] int32`.
 - `csmc(key, model, args, observations, reference, num_particles, ancestor_sampling=False)`:
@@ -14,8 +19,8 @@
 - `backward_simulation(key, result, num_samples)`: forward filtering, backward
   simulation of smoothed trajectories from a `particle_filter` result.
 
-Not yet here (tracked in the SMC issue): rejuvenation moves, early stopping of finished
-particles, tempered SMC, and the LLM methods.
+Not yet here (tracked in the SMC issue): early stopping of finished particles, and the
+LLM methods.
 """
 
 from ._csmc import CSMCResult, csmc
@@ -24,7 +29,9 @@ from ._particle_gibbs import (CSMCInfo, CSMCState, ParticleGibbsInfo, ParticleGi
                               particle_gibbs)
 from ._resampling import multinomial, residual, stratified, systematic
 from ._smoothing import backward_simulation
+from ._tempered import TemperedResult, tempered
 
 __all__ = ["particle_filter", "ParticleFilterResult", "multinomial", "systematic", "stratified", "residual"]
 __all__ += ["csmc", "CSMCResult", "csmc_kernel", "particle_gibbs", "CSMCState", "CSMCInfo", "ParticleGibbsState",
             "ParticleGibbsInfo", "backward_simulation"]
+__all__ += ["tempered", "TemperedResult"]
