@@ -9,6 +9,18 @@ from ._distribution import is_concrete
 from ._errors import format_address, suggest
 from ._gfi import check_args, check_key, check_selection
 from ._static import Static, combine, partition
+from ._trace import Trace
+
+
+def site_scores(trace: Trace) -> dict:
+    """The log density (or log weight) of each site of `trace`: a dict path -> scalar.
+
+    Paths are tuples of addresses below the trace's generative function; a site inside
+    `ppl.vmap` or `ppl.scan` has its stacked axis summed, a masked-off site scores 0.
+    Deterministic sites are not listed. Under `jax.vmap` over traces, each entry is
+    batched like the trace.
+    """
+    return dict(trace.gen_fn._site_scores(trace, ()))
 
 __all__ = [
     "check_key",
@@ -20,4 +32,5 @@ __all__ = [
     "is_concrete",
     "format_address",
     "suggest",
+    "site_scores",
 ]

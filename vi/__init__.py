@@ -1,7 +1,36 @@
 """vi: programmable variational inference on the `ppl` core.
 
-Not yet implemented; tracked as its own issue. Per-site gradient estimators will be
-site handlers (`ppl.handle`, `ppl.SiteHandler`) that wrap each guide site's distribution.
+An objective is an ordinary function `objective(key, params) -> scalar`, a bound to
+maximize in expectation over `key`. It draws from guides (and models) with
+`vi.simulate` / `vi.generate` and evaluates densities through the generative function
+interface. `vi.grad(objective)` turns it into `(key, params) -> (value, grads)`, an
+unbiased estimate of the objective and its gradient, whatever the objective computes.
+
+Each random site of a guide carries its gradient estimator by wrapping its
+distribution: `vi.reparam(d)` (pathwise), `vi.reinforce(d, baseline=...)` (score
+function), `vi.enum(d)` (exact sum over a finite support), `vi.mvd(d)` (measure-valued
+derivative). An unwrapped site is reparam where the distribution has `rsample`, else
+reinforce. How the estimators compose, and why the sum is unbiased, is written in the
+VI guide of the documentation and in `vi/_grad.py`.
+
+- Objectives: `elbo`, `iwae`, `renyi`, `vimco` (each returns an objective), and
+  `log_weights` to write new ones; `learning_signal` sets per-particle signals.
+- Guides: `auto_normal` (mean-field) and `auto_mvn` (full-rank) Gaussians on the
+  unconstrained space, at the model's addresses.
+- `fit(key, objective, params, optimizer, num_steps)`: optax, jitted chunks of
+  `lax.scan`, progress bar, checkpoint and bit-exact resume; returns `(params, history)`.
 """
 
-__all__: list[str] = []
+from ._estimators import Estimated, enum, mvd, reinforce, reparam
+from ._fit import fit
+from ._grad import generate, grad, learning_signal, simulate
+from ._guides import auto_mvn, auto_normal
+from ._objectives import elbo, iwae, log_weights, renyi, vimco
+
+__all__ = [
+    "grad", "simulate", "generate", "learning_signal",
+    "reparam", "reinforce", "enum", "mvd", "Estimated",
+    "elbo", "iwae", "renyi", "vimco", "log_weights",
+    "auto_normal", "auto_mvn",
+    "fit",
+]
