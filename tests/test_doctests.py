@@ -12,10 +12,11 @@ import pytest
 import inference
 import ppl
 import smc
+import vi
 
 MODULES = sorted(
     f"{pkg.__name__}.{info.name}"
-    for pkg in (ppl, inference, smc)
+    for pkg in (ppl, inference, smc, vi)
     for info in pkgutil.iter_modules(pkg.__path__)
 )
 
@@ -23,7 +24,7 @@ MODULES = sorted(
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)
-    globs = {"jax": jax, "jnp": jnp, "dist": dist, "ppl": ppl, "inference": inference, "smc": smc}
+    globs = {"jax": jax, "jnp": jnp, "dist": dist, "ppl": ppl, "inference": inference, "smc": smc, "vi": vi}
     failures, attempted = doctest.testmod(module, extraglobs=globs, optionflags=doctest.ELLIPSIS, verbose=False)
     if attempted == 0:
         pytest.skip(f"{name} has no docstring examples")
@@ -36,4 +37,4 @@ def test_the_public_modules_do_have_examples():
         if any(t.examples for t in doctest.DocTestFinder().find(importlib.import_module(name)))
     ]
     assert {"ppl._dsl", "ppl._choicemap", "ppl._vmap", "ppl._scan", "ppl._switch", "ppl._mask",
-            "inference._importance"} <= set(with_examples)
+            "inference._importance", "vi._grad", "vi._objectives"} <= set(with_examples)

@@ -34,6 +34,7 @@ def test_tour_quick_runs_and_prints_every_section():
         "=== (g)",
         "=== (h)", "r_hat", "posterior predictive ys: shape (4, 300, 10)",
         "=== (i)", "paths(): z of shape (500, 50)",
+        "=== (j)", "hand-written IWAE (K = 16)",
     ]:
         assert expected in out, f"missing {expected!r} in tour output:\n{out}"
     _check_tour_numbers(out)
@@ -75,6 +76,12 @@ def _check_tour_numbers(out):
     mean, sd = _numbers(rf"over 10 seeds: mean {NUM}, sd {NUM}", out)
     assert abs(lm - kalman) < 5 * sd + sd**2 / 2
     assert abs(mean - kalman) < 5 * sd / math.sqrt(10) + sd**2 / 2
+    # VI on the known-noise model: the Gaussian guide family contains the posterior, so
+    # the fit is exact up to the SGD noise left after a decayed learning rate (about 0.01
+    # posterior sd here); 0.2 posterior sd still fails a wrong gradient or a wrong scale.
+    loc, sd, exact, exact_sd = _numbers(rf"VI, known noise: slope {NUM} \+- {NUM}\s+exact {NUM} \+- {NUM}", out)
+    assert abs(loc - exact) < 0.2 * exact_sd
+    assert abs(sd - exact_sd) < 0.2 * exact_sd
     # Identities, to the printed precision.
     vmap_lm, flat_lm = _numbers(rf"vmap model: log marginal {NUM} \(flat model, same key: {NUM}\)", out)
     assert vmap_lm == flat_lm  # same particle keys, same sites: the same particles
