@@ -20,6 +20,8 @@ gathers it like any pytree: `jax.tree.map(lambda x: x[ancestors], states)`.
 
 from __future__ import annotations
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -90,11 +92,17 @@ def init_state(model: Transformer, prompt, cache_size: int, prompt_length=None) 
     length = jnp.asarray(prompt_length, jnp.int32)
     index = jnp.arange(cache_size, dtype=jnp.int32)
     padded = jnp.full((cache_size,), PAD, jnp.int32).at[: prompt.shape[0]].set(prompt.astype(jnp.int32))
-    tokens = jnp.where(index < length, padded, PAD)
-    _, cache = model.forward(tokens[: prompt.shape[0]], index[: prompt.shape[0]], model.init_cache(cache_size))
+    return _prefill(model, jnp.where(index < length, padded, PAD), length, prompt.shape[0])
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _prefill(model: Transformer, tokens, length, num_prompt: int) -> LMState:
+    positions = jnp.arange(num_prompt, dtype=jnp.int32)
+    _, cache = model.forward(tokens[:num_prompt], positions, model.init_cache(tokens.shape[0]))
     return LMState(tokens, length, cache, length, jnp.zeros((), bool))
 
 
+@jax.jit
 def next_token_logits(model: Transformer, state: LMState):
     """Logits [V] (float32) of the token after `state.tokens[:length]`, and the state with the
     pending token's keys and values written (same tokens and length).

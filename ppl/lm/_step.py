@@ -24,6 +24,8 @@ its score the proposal density) or be conditioned on given text (generate's weig
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,36 +86,13 @@ class LMStep(GenerativeFunction):
                 f"LMState (from ppl.lm.init_state); got ({got}).")
 
     # -- the two computations ------------------------------------------------------------------
-    def _masks(self):
-        vocab = self.model.config.vocab_size
-        is_stop = np.zeros(vocab, bool)
-        is_stop[list(self.stop_tokens)] = True
-        is_eos = np.zeros(vocab, bool)
-        is_eos[list(self.eos_tokens)] = True
-        return jnp.asarray(is_stop), jnp.asarray(is_eos)
+    def _rules(self):
+        return (self.max_step_len, self.stop_tokens, self.eos_tokens, self.sampler)
 
     def sample(self, key, state: LMState):
         """Draw one step for one row: `(new_state, tokens [max_step_len], log_prob)`."""
-        model, steps = self.model, self.max_step_len
-        size = state.tokens.shape[-1]
         key = _keys.as_jax_key(key) if isinstance(key, ParticleKey) else key
-        is_stop, is_eos = self._masks()
-
-        def body(carry):
-            i, st, tokens, log_prob, _ = carry
-            logits, st = next_token_logits(model, st)
-            log_probs = self.sampler.log_probs(logits)
-            token = jax.random.categorical(jax.random.fold_in(key, i), log_probs).astype(jnp.int32)
-            length = st.length + 1
-            is_finished = is_eos[token] | (length >= size)
-            st = LMState(st.tokens.at[st.length].set(token), length, st.cache, st.prompt_length, is_finished)
-            is_done = is_finished | is_stop[token] | (i + 1 >= steps)
-            return i + 1, st, tokens.at[i].set(token), log_prob + log_probs[token], is_done
-
-        start = (jnp.int32(0), state, jnp.full((steps,), PAD, jnp.int32), jnp.zeros((), jnp.float32),
-                 state.is_finished | (state.length >= size))
-        _, new_state, tokens, log_prob, _ = jax.lax.while_loop(lambda c: ~c[4], body, start)
-        return new_state, tokens, log_prob
+        return _sample(self.model, key, state, self._rules())
 
     def score(self, state: LMState, tokens):
         """Log probability of the step `tokens` [max_step_len] from `state`, and the new state.
@@ -122,32 +101,7 @@ class LMStep(GenerativeFunction):
         last). -inf when `tokens` is not a step these rules can produce (a token outside
         the vocabulary, padding that is not -1 or that comes too early or too late).
         """
-        model, steps = self.model, self.max_step_len
-        size, vocab = state.tokens.shape[-1], model.config.vocab_size
-        is_stop, is_eos = self._masks()
-        tokens = jnp.asarray(tokens).astype(jnp.int32)
-        j = jnp.arange(steps, dtype=jnp.int32)
-        is_real = (tokens >= 0) & (tokens < vocab)
-        safe = jnp.where(is_real, tokens, 0)
-        ends = is_real & (is_stop[safe] | is_eos[safe])
-        count = jnp.minimum(jnp.min(jnp.where(ends, j, steps - 1)) + 1, size - state.length)
-        count = jnp.where(state.is_finished, 0, jnp.maximum(count, 0))  # the step's number of tokens
-        inside = j < count
-        is_valid = jnp.all(jnp.where(inside, is_real, tokens == PAD))
-
-        inputs = jnp.concatenate([state.tokens[state.length - 1][None], safe[:-1]])
-        hidden, cache = model.forward(inputs, state.length - 1 + j, state.cache)
-        log_probs = self.sampler.log_probs(model.logits(hidden))
-        token_log_probs = jnp.take_along_axis(log_probs, safe[:, None], axis=-1)[:, 0]
-        log_prob = jnp.where(is_valid, jnp.sum(jnp.where(inside, token_log_probs, 0.0)), -jnp.inf)
-
-        offset = jnp.arange(size, dtype=jnp.int32) - state.length
-        placed = (offset >= 0) & (offset < count)
-        new_tokens = jnp.where(placed, safe[jnp.clip(offset, 0, steps - 1)], state.tokens)
-        length = state.length + count
-        last = safe[jnp.maximum(count - 1, 0)]
-        is_finished = state.is_finished | ((count > 0) & (is_eos[last] | (length >= size)))
-        return log_prob, LMState(new_tokens, length, cache, state.prompt_length, is_finished)
+        return _score(self.model, state, jnp.asarray(tokens).astype(jnp.int32), self._rules())
 
     # -- the interface ---------------------------------------------------------------------------
     def _trace(self, args, new_state, tokens, log_prob):
@@ -172,7 +126,7 @@ class LMStep(GenerativeFunction):
             if bad.any():
                 i = int(np.argmax(bad))
                 raise ObservationError(
-                    f"{self.__name__}.{method}: token {host[i]!r} at index {i} is not a token id in "
+                    f"{self.__name__}.{method}: token {host[i]:g} at index {i} is not a token id in "
                     f"[0, {vocab}) nor the padding -1.")
         return tokens.astype(jnp.int32)
 
@@ -262,3 +216,66 @@ def sample_steps(key, step: LMStep, states: LMState):
     """
     n = states.length.shape[0]
     return jax.vmap(lambda i, s: step.sample(particle_key(key, i), s))(jnp.arange(n), states)
+
+
+# -- the computations, jitted once per model shape and step rules --------------------------------------
+
+
+def _masks(vocab: int, stop_tokens, eos_tokens):
+    is_stop = np.zeros(vocab, bool)
+    is_stop[list(stop_tokens)] = True
+    is_eos = np.zeros(vocab, bool)
+    is_eos[list(eos_tokens)] = True
+    return jnp.asarray(is_stop), jnp.asarray(is_eos)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _sample(model: Transformer, key, state: LMState, rules):
+    steps, stop_tokens, eos_tokens, sampler = rules
+    size = state.tokens.shape[-1]
+    is_stop, is_eos = _masks(model.config.vocab_size, stop_tokens, eos_tokens)
+
+    def body(carry):
+        i, st, tokens, log_prob, _ = carry
+        logits, st = next_token_logits(model, st)
+        log_probs = sampler.log_probs(logits)
+        token = jax.random.categorical(jax.random.fold_in(key, i), log_probs).astype(jnp.int32)
+        length = st.length + 1
+        is_finished = is_eos[token] | (length >= size)
+        st = LMState(st.tokens.at[st.length].set(token), length, st.cache, st.prompt_length, is_finished)
+        is_done = is_finished | is_stop[token] | (i + 1 >= steps)
+        return i + 1, st, tokens.at[i].set(token), log_prob + log_probs[token], is_done
+
+    start = (jnp.int32(0), state, jnp.full((steps,), PAD, jnp.int32), jnp.zeros((), jnp.float32),
+             state.is_finished | (state.length >= size))
+    _, new_state, tokens, log_prob, _ = jax.lax.while_loop(lambda c: ~c[4], body, start)
+    return new_state, tokens, log_prob
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _score(model: Transformer, state: LMState, tokens, rules):
+    steps, stop_tokens, eos_tokens, sampler = rules
+    size, vocab = state.tokens.shape[-1], model.config.vocab_size
+    is_stop, is_eos = _masks(vocab, stop_tokens, eos_tokens)
+    j = jnp.arange(steps, dtype=jnp.int32)
+    is_real = (tokens >= 0) & (tokens < vocab)
+    safe = jnp.where(is_real, tokens, 0)
+    ends = is_real & (is_stop[safe] | is_eos[safe])
+    count = jnp.minimum(jnp.min(jnp.where(ends, j, steps - 1)) + 1, size - state.length)
+    count = jnp.where(state.is_finished, 0, jnp.maximum(count, 0))  # the step's number of tokens
+    inside = j < count
+    is_valid = jnp.all(jnp.where(inside, is_real, tokens == PAD))
+
+    inputs = jnp.concatenate([state.tokens[state.length - 1][None], safe[:-1]])
+    hidden, cache = model.forward(inputs, state.length - 1 + j, state.cache)
+    log_probs = sampler.log_probs(model.logits(hidden))
+    token_log_probs = jnp.take_along_axis(log_probs, safe[:, None], axis=-1)[:, 0]
+    log_prob = jnp.where(is_valid, jnp.sum(jnp.where(inside, token_log_probs, 0.0)), -jnp.inf)
+
+    offset = jnp.arange(size, dtype=jnp.int32) - state.length
+    placed = (offset >= 0) & (offset < count)
+    new_tokens = jnp.where(placed, safe[jnp.clip(offset, 0, steps - 1)], state.tokens)
+    length = state.length + count
+    last = safe[jnp.maximum(count - 1, 0)]
+    is_finished = state.is_finished | ((count > 0) & (is_eos[last] | (length >= size)))
+    return log_prob, LMState(new_tokens, length, cache, state.prompt_length, is_finished)

@@ -14,6 +14,7 @@ may hold anything.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -66,27 +67,7 @@ class Transformer(eqx.Module):
     @classmethod
     def random(cls, key, config: TransformerConfig, dtype=jnp.float32, scale: float = 0.02) -> Transformer:
         """A model with N(0, scale^2) weights, unit norms and small random biases (for tests)."""
-        c = config
-        n, d, hd, inner = c.num_layers, c.hidden_size, c.head_dim, c.intermediate_size
-        shapes = {"q": (n, d, c.num_heads * hd), "k": (n, d, c.num_kv_heads * hd), "v": (n, d, c.num_kv_heads * hd),
-                  "o": (n, c.num_heads * hd, d), "gate": (n, d, inner), "up": (n, d, inner), "down": (n, inner, d)}
-        if c.qkv_bias:
-            shapes.update(q_bias=(n, c.num_heads * hd), k_bias=(n, c.num_kv_heads * hd), v_bias=(n, c.num_kv_heads * hd))
-        if c.output_bias:
-            shapes.update(o_bias=(n, d))
-        if c.mlp_bias:
-            shapes.update(gate_bias=(n, inner), up_bias=(n, inner), down_bias=(n, d))
-        keys = iter(jax.random.split(key, len(shapes) + 2))
-        layers = {name: scale * jax.random.normal(next(keys), shape) for name, shape in shapes.items()}
-        layers["attn_norm"] = jnp.ones((n, d))
-        layers["mlp_norm"] = jnp.ones((n, d))
-        if c.qk_norm:
-            layers["q_norm"] = jnp.ones((n, hd))
-            layers["k_norm"] = jnp.ones((n, hd))
-        embed = scale * jax.random.normal(next(keys), (c.vocab_size, d))
-        lm_head = None if c.tie_word_embeddings else scale * jax.random.normal(next(keys), (d, c.vocab_size))
-        model = cls(c, embed, layers, jnp.ones((d,)), lm_head)
-        return jax.tree.map(lambda x: x.astype(dtype), model)
+        return _random(key, config, dtype, scale)
 
     @property
     def dtype(self):
@@ -101,9 +82,7 @@ class Transformer(eqx.Module):
     # -- forward passes ------------------------------------------------------------------------
     def __call__(self, tokens) -> jax.Array:
         """Uncached logits [C, V] (float32) of `tokens` [C] at positions 0..C-1."""
-        tokens = jnp.asarray(tokens, jnp.int32)
-        hidden, _ = self.forward(tokens, jnp.arange(tokens.shape[0], dtype=jnp.int32), None)
-        return self.logits(hidden)
+        return _uncached_logits(self, jnp.asarray(tokens, jnp.int32))
 
     def forward(self, tokens, positions, cache: KVCache | None):
         """Hidden states [C, d] of `tokens` [C] at `positions` [C] (int32), and the new cache.
@@ -149,6 +128,41 @@ class Transformer(eqx.Module):
         """Float32 logits [..., V] of final hidden states [..., d]."""
         head = self.embed.T if self.lm_head is None else self.lm_head
         return jnp.matmul(hidden, head, preferred_element_type=jnp.float32).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _random(key, config: TransformerConfig, dtype, scale: float) -> Transformer:
+    c = config
+    n, d, hd, inner = c.num_layers, c.hidden_size, c.head_dim, c.intermediate_size
+    shapes = {"q": (n, d, c.num_heads * hd), "k": (n, d, c.num_kv_heads * hd), "v": (n, d, c.num_kv_heads * hd),
+              "o": (n, c.num_heads * hd, d), "gate": (n, d, inner), "up": (n, d, inner), "down": (n, inner, d)}
+    if c.qkv_bias:
+        shapes.update(q_bias=(n, c.num_heads * hd), k_bias=(n, c.num_kv_heads * hd), v_bias=(n, c.num_kv_heads * hd))
+    if c.output_bias:
+        shapes.update(o_bias=(n, d))
+    if c.mlp_bias:
+        shapes.update(gate_bias=(n, inner), up_bias=(n, inner), down_bias=(n, d))
+    shapes["embed"] = (c.vocab_size, d)
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = (d, c.vocab_size)
+    sizes = [math.prod(shape) for shape in shapes.values()]
+    flat = scale * jax.random.normal(key, (sum(sizes),))  # one draw: one threefry to compile
+    pieces = jnp.split(flat, np.cumsum(sizes)[:-1])
+    layers = {name: piece.reshape(shape) for (name, shape), piece in zip(shapes.items(), pieces)}
+    embed, lm_head = layers.pop("embed"), layers.pop("lm_head", None)
+    layers["attn_norm"] = jnp.ones((n, d))
+    layers["mlp_norm"] = jnp.ones((n, d))
+    if c.qk_norm:
+        layers["q_norm"] = jnp.ones((n, hd))
+        layers["k_norm"] = jnp.ones((n, hd))
+    model = Transformer(c, embed, layers, jnp.ones((d,)), lm_head)
+    return jax.tree.map(lambda x: x.astype(dtype), model)
+
+
+@jax.jit
+def _uncached_logits(model: Transformer, tokens):
+    hidden, _ = model.forward(tokens, jnp.arange(tokens.shape[0], dtype=jnp.int32), None)
+    return model.logits(hidden)
 
 
 # -- pieces ---------------------------------------------------------------------------------------
