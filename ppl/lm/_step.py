@@ -176,7 +176,9 @@ def lm_step(model: Transformer, max_step_len: int, *, stop_tokens=(), eos_tokens
       max_step_len: L, the most tokens one step draws (static; the choice's shape).
       stop_tokens: token ids that end a step (step delimiters, e.g. the ids of "\\n\\n").
       eos_tokens: token ids that end the answer: the row is finished after one.
-      temperature, top_k, top_p: the `Sampler` settings (top_k=1 or temperature=0: greedy).
+      temperature: divides the logits (0: greedy).
+      top_k: keep the k most likely tokens (None: all; 1: greedy).
+      top_p: keep the smallest set of most likely tokens of probability >= top_p.
 
     >>> from ppl.lm import Transformer, TransformerConfig, init_state
     >>> cfg = TransformerConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
