@@ -527,3 +527,31 @@ def test_bad_inputs():
         vi.fit(jax.random.key(0), lambda k, p: p, 0.0, "adam", 10)
     with pytest.raises(ppl.ArgumentError, match=r"baseline must be"):
         vi.reinforce(BERN(0.0), baseline="mean")
+
+
+def test_equinox_module_params():
+    # params holding an equinox MLP (weights plus an activation function): grads for the
+    # float arrays only (None elsewhere), and vi.fit keeps the module's static parts
+    import equinox as eqx
+
+    @ppl.gen
+    def model():
+        z = ppl.sample("z", dist.Normal(0.0, 1.0).expand((2,)).to_event(1))
+        return ppl.sample("y", dist.Normal(z.sum(), 1.0))
+
+    @ppl.gen
+    def guide(params):
+        out = params["net"](jnp.ones(3))
+        return ppl.sample("z", dist.Normal(out[:2], jax.nn.softplus(out[2]) + 0.1).to_event(1))
+
+    params = {"net": eqx.nn.MLP(3, 3, 8, 1, key=jax.random.key(0)), "depth": 3}
+    objective = vi.elbo(model, guide, (), {"y": 1.0})
+    _, grads = vi.grad(objective)(jax.random.key(0), params)
+    assert grads["depth"] is None and grads["net"].activation is None
+    assert grads["net"].layers[0].weight.shape == (8, 3)
+    fitted, history = vi.fit(jax.random.key(1), objective, params, optax.adam(1e-2), 300, progress_bar=False)
+    assert isinstance(fitted["net"], eqx.nn.MLP) and fitted["depth"] == 3
+    # log Z = log N(1; 0, 3); the ELBO climbs from its start toward it
+    log_z = float(dist.Normal(0.0, math.sqrt(3.0)).log_prob(1.0))
+    assert float(history[-50:].mean()) > float(history[:50].mean())
+    assert float(history[-50:].mean()) < log_z + 0.05

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 import ppl
-from ppl.extend import check_key
+from ppl.extend import check_key, combine, partition
 
 from ._grad import grad
 
@@ -29,17 +29,19 @@ __all__ = ["fit"]
 _CHUNKS = 20
 
 
-@functools.partial(jax.jit, static_argnames=("step_fn", "optimizer", "length"))
-def _chunk(key, start, params, opt_state, *, step_fn, optimizer, length):
-    def body(carry, t):
-        params, opt_state = carry
-        value, grads = step_fn(jax.random.fold_in(key, t), params)
-        # maximize: optax minimizes, so descend on the negated objective
-        updates, opt_state = optimizer.update(jax.tree_util.tree_map(jnp.negative, grads), opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), value
+@functools.partial(jax.jit, static_argnames=("step_fn", "optimizer", "length", "rest_static"))
+def _chunk(key, start, diff, opt_state, rest_dynamic, *, step_fn, optimizer, length, rest_static):
+    static = combine(rest_dynamic, rest_static)
 
-    (params, opt_state), values = jax.lax.scan(body, (params, opt_state), start + jnp.arange(length, dtype=jnp.uint32))
-    return params, opt_state, values
+    def body(carry, t):
+        diff, opt_state = carry
+        value, grads = step_fn(jax.random.fold_in(key, t), eqx.combine(diff, static))
+        # maximize: optax minimizes, so descend on the negated objective
+        updates, opt_state = optimizer.update(jax.tree_util.tree_map(jnp.negative, grads), opt_state, diff)
+        return (optax.apply_updates(diff, updates), opt_state), value
+
+    (diff, opt_state), values = jax.lax.scan(body, (diff, opt_state), start + jnp.arange(length, dtype=jnp.uint32))
+    return diff, opt_state, values
 
 
 def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int = 1, progress_bar=None,
@@ -77,13 +79,17 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
     if checkpoint_every is not None:
         chunk = math.gcd(chunk, checkpoint_every)
     step_fn = _step_fn(objective, int(num_samples))
-    params = jax.tree_util.tree_map(jnp.asarray, params)
-    opt_state = optimizer.init(params)
+    # the floating-point arrays are optimized; the rest (an equinox module's functions,
+    # ints, Python numbers are converted) stays as it is
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x) if isinstance(x, (int, float)) else x, params)
+    diff, static = eqx.partition(params, eqx.is_inexact_array)
+    rest_dynamic, rest_static = partition(static)  # int arrays traced, the rest hashable
+    opt_state = optimizer.init(diff)
     history = np.zeros(num_steps, dtype=np.float32)
     done = 0
     if checkpoint is not None and os.path.exists(checkpoint):
-        like = (params, opt_state, jnp.zeros((), jnp.int32), jnp.zeros(num_steps, jnp.float32))
-        params, opt_state, step, saved = eqx.tree_deserialise_leaves(checkpoint, like)
+        like = (diff, opt_state, jnp.zeros((), jnp.int32), jnp.zeros(num_steps, jnp.float32))
+        diff, opt_state, step, saved = eqx.tree_deserialise_leaves(checkpoint, like)
         done = int(step)
         history[:done] = np.asarray(saved)[:done]
     bar = _progress(progress_bar, num_steps, done)
@@ -92,9 +98,9 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
             length = min(chunk, num_steps - done)
             if checkpoint_every is not None:
                 length = min(length, checkpoint_every - done % checkpoint_every)
-            params, opt_state, values = _chunk(
-                key, jnp.asarray(done, jnp.uint32), params, opt_state,
-                step_fn=step_fn, optimizer=optimizer, length=length,
+            diff, opt_state, values = _chunk(
+                key, jnp.asarray(done, jnp.uint32), diff, opt_state,
+                rest_dynamic, step_fn=step_fn, optimizer=optimizer, length=length, rest_static=rest_static,
             )
             values = np.asarray(values)
             history[done : done + length] = values
@@ -111,12 +117,12 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
                 bar.set_postfix(objective=f"{values[-1]:.4g}")
             if checkpoint_every is not None and done % checkpoint_every == 0:
                 eqx.tree_serialise_leaves(
-                    checkpoint, (params, opt_state, jnp.asarray(done, jnp.int32), jnp.asarray(history))
+                    checkpoint, (diff, opt_state, jnp.asarray(done, jnp.int32), jnp.asarray(history))
                 )
     finally:
         if bar is not None:
             bar.close()
-    return params, jnp.asarray(history)
+    return eqx.combine(diff, static), jnp.asarray(history)
 
 
 @functools.lru_cache(maxsize=64)

@@ -49,6 +49,7 @@ import itertools
 import math
 import threading
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -337,7 +338,7 @@ def _discover(objective, key, params):
             found[(index, path)] = (info, shape)
         return f
 
-    jax.eval_shape(probe, key, params)
+    jax.eval_shape(lambda k: probe(k, params), key)  # params closed over: static leaves stay static
     return found, loo[0]
 
 
@@ -429,7 +430,9 @@ def _joint_values(enum_sites) -> dict:
 
 def grad(objective, num_samples: int = 1):
     """`(key, params) -> (value, grads)`: an unbiased estimate of `E[objective(key, params)]`
-    over the key, and of its gradient in `params` (a pytree; grads has its structure).
+    over the key, and of its gradient in `params` (a pytree; grads has its structure,
+    with None at leaves that are not floating-point arrays, such as an equinox
+    module's activation functions).
 
     With `num_samples=K` the objective runs K times with independent keys (vectorized)
     and the estimates are averaged; reinforce sites with `baseline="leave_one_out"` then
@@ -471,8 +474,11 @@ def grad(objective, num_samples: int = 1):
             loo = (jnp.sum(f) - f) / (num_samples - 1)
             return jnp.mean(a - sg(loo) * b), jnp.mean(f)
 
+        # differentiate the floating-point arrays of params (an equinox module's
+        # functions and ints are static; their gradient entries are None, as in equinox)
+        diff, static = eqx.partition(params, eqx.is_inexact_array)
         try:
-            (_, f), g = jax.value_and_grad(surrogate, has_aux=True)(params)
+            (_, f), g = jax.value_and_grad(lambda d: surrogate(eqx.combine(d, static)), has_aux=True)(diff)
         except jax.errors.UnexpectedTracerError as e:
             raise ppl.ArgumentError(
                 "vi.grad: a vi construct (vi.simulate / vi.generate) ran inside jax.vmap, "

@@ -102,7 +102,7 @@ def _check_cover(model, guide, model_args, guide_args, obs, where):
     has a support the model's does not contain. Run once per traced signature."""
     try:
         sig = (model, guide, jax.tree_util.tree_structure((model_args, guide_args, obs)),
-               tuple(jnp.shape(x) for x in jax.tree_util.tree_leaves((model_args, guide_args, obs))))
+               tuple(getattr(x, "shape", None) for x in jax.tree_util.tree_leaves((model_args, guide_args, obs))))
         hash(sig)
     except TypeError:
         sig = None
