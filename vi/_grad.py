@@ -209,13 +209,13 @@ def _handled(gen_fn):
     return ppl.handle(gen_fn, _HANDLER)
 
 
-def _run_construct(name, gen_fn, key, constraints, args, num_particles):
+def _run_construct(name, gen_fn, key, constraints, args, num_particles, detach=False):
     """Shared body of `simulate` and `generate`: (trace, weight)."""
     check_key(key, None, f"vi.{name}")
     if not isinstance(args, tuple):
         raise ppl.ArgumentError(f"vi.{name}: args must be a tuple, got {type(args).__name__}.")
     handled = _handled(gen_fn)
-    tape = current_tape()
+    tape = None if detach else current_tape()
     index = tape.open() if tape is not None else None
     forced = {} if tape is None else {p: v for (i, p), v in tape.forced.items() if i == index}
     given = ppl.ChoiceMap.of(constraints) if constraints is not None else ppl.ChoiceMap()
@@ -237,6 +237,8 @@ def _run_construct(name, gen_fn, key, constraints, args, num_particles):
             tape._open = None
     if tape is not None:
         tape.close(index, trace, num_particles is not None)
+    if detach:
+        trace, weight = jax.lax.stop_gradient((trace, weight))
     return trace, weight
 
 
@@ -257,22 +259,25 @@ def _count(n, name):
     return int(n)
 
 
-def simulate(gen_fn, key, args: tuple = (), num_particles: int | None = None) -> ppl.Trace:
+def simulate(gen_fn, key, args: tuple = (), num_particles: int | None = None, *, detach: bool = False) -> ppl.Trace:
     """Run `gen_fn` forward inside an objective, each site under its gradient estimator.
 
     Returns the trace (with `num_particles=K`, a batch of K traces, leaves `[K, ...]`,
     drawn with `ppl.particle_key(key, i)`). Outside `vi.grad` it is `gen_fn.simulate`
-    with the estimator wrappers removed.
+    with the estimator wrappers removed. With `detach=True` the draws are data: the
+    trace carries no gradient and its sites add no estimator terms (the samples of
+    wake-sleep updates, or of a fixed proposal).
     """
-    trace, _ = _run_construct("simulate", gen_fn, key, None, args, num_particles)
+    trace, _ = _run_construct("simulate", gen_fn, key, None, args, num_particles, detach)
     return trace
 
 
-def generate(gen_fn, key, constraints, args: tuple = (), num_particles: int | None = None):
+def generate(gen_fn, key, constraints, args: tuple = (), num_particles: int | None = None, *,
+             detach: bool = False):
     """`gen_fn.generate(key, constraints, args)` inside an objective: `(trace, weight)`,
     the unconstrained sites drawn under their gradient estimators (with
-    `num_particles=K`, K traces and weights `[K]`)."""
-    return _run_construct("generate", gen_fn, key, constraints, args, num_particles)
+    `num_particles=K`, K traces and weights `[K]`; `detach` as in `simulate`)."""
+    return _run_construct("generate", gen_fn, key, constraints, args, num_particles, detach)
 
 
 def learning_signal(trace, signal) -> None:

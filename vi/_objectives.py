@@ -22,7 +22,9 @@ from ppl.extend import check_args, format_address
 
 from ._grad import learning_signal, simulate
 
-__all__ = ["elbo", "iwae", "renyi", "vimco", "log_weights"]
+sg = jax.lax.stop_gradient
+
+__all__ = ["elbo", "iwae", "renyi", "vimco", "rws", "sivi", "log_weights"]
 
 
 def _particles(n, where):
@@ -39,14 +41,26 @@ def _check_inputs(model, guide, model_args, where):
         raise ppl.ArgumentError(f"{where}: model_args must be a tuple, got {type(model_args).__name__}.")
 
 
-def log_weights(model, guide, model_args, observations, key, params, num_particles=None, where="vi"):
+def log_weights(model, guide, model_args, observations, key, params, num_particles=None, where="vi",
+                learn_model=False):
     """`(log w, guide trace)`: `log p(x, observations) - log q(x)` at guide draws `x`.
 
     With `num_particles=K`, `log w` is `[K]` and the trace a batch of K traces. The
-    building block of the ready objectives; use it in your own.
+    building block of the ready objectives; use it in your own. With `learn_model=True`,
+    `params` is a pair `(model_params, guide_params)` and the model is called with
+    `(model_params, *model_args)` (a VAE's decoder, say), the guide with
+    `(guide_params, *model_args)`.
     """
     obs = ppl.ChoiceMap.of(observations) if observations is not None else ppl.ChoiceMap()
-    guide_args = (params,) + tuple(model_args)
+    if learn_model:
+        if not (isinstance(params, (tuple, list)) and len(params) == 2):
+            raise ppl.ArgumentError(
+                f"{where}: with learn_model=True, params is a pair (model_params, guide_params); "
+                f"got {type(params).__name__}."
+            )
+        model_params, params = params
+        model_args = (model_params,) + tuple(model_args)
+    guide_args = (params,) + tuple(model_args[1:] if learn_model else model_args)
     trace = simulate(guide, key, guide_args, num_particles=num_particles)
     _check_cover(model, guide, model_args, guide_args, obs, where)
 
@@ -160,9 +174,11 @@ def _contained(inner, outer) -> bool:
 # -- the objectives ------------------------------------------------------------------------
 
 
-def elbo(model, guide, model_args: tuple, observations, num_particles: int = 1):
+def elbo(model, guide, model_args: tuple, observations, num_particles: int = 1, *, learn_model: bool = False):
     """The evidence lower bound `E_q[log p(x, y) - log q(x)]`, averaged over
-    `num_particles` independent guide draws.
+    `num_particles` independent guide draws. With `learn_model=True` the model has
+    parameters too: `params = (model_params, guide_params)`, the model called with
+    `(model_params, *model_args)` (see `log_weights`); every ready objective takes it.
 
     >>> import jax, numpyro.distributions as dist, ppl, vi
     >>> @ppl.gen
@@ -182,26 +198,27 @@ def elbo(model, guide, model_args: tuple, observations, num_particles: int = 1):
 
     def objective(key, params):
         lw, _ = log_weights(model, guide, model_args, observations, key, params,
-                            None if k == 1 else k, "vi.elbo")
+                            None if k == 1 else k, "vi.elbo", learn_model)
         return jnp.mean(lw)
 
     return objective
 
 
-def iwae(model, guide, model_args: tuple, observations, num_particles: int):
+def iwae(model, guide, model_args: tuple, observations, num_particles: int, *, learn_model: bool = False):
     """The importance-weighted bound `E[log (1/K) sum_k w_k]`, `w_k = p(x_k, y) / q(x_k)`
     (Burda et al. 2016). K = 1 is the ELBO; it increases with K toward log p(y)."""
     _check_inputs(model, guide, model_args, "vi.iwae")
     k = _particles(num_particles, "vi.iwae")
 
     def objective(key, params):
-        lw, _ = log_weights(model, guide, model_args, observations, key, params, k, "vi.iwae")
+        lw, _ = log_weights(model, guide, model_args, observations, key, params, k, "vi.iwae", learn_model)
         return logsumexp(lw) - math.log(k)
 
     return objective
 
 
-def renyi(model, guide, model_args: tuple, observations, num_particles: int, alpha: float):
+def renyi(model, guide, model_args: tuple, observations, num_particles: int, alpha: float, *,
+          learn_model: bool = False):
     """The variational Renyi bound `1/(1-alpha) E[log (1/K) sum_k w_k^(1-alpha)]` (Li and
     Turner 2016): alpha = 0 is the IWAE bound, alpha -> 1 the ELBO; alpha < 0 gives an
     upper-bound-like objective, still estimated with the same K draws."""
@@ -212,7 +229,7 @@ def renyi(model, guide, model_args: tuple, observations, num_particles: int, alp
     alpha = float(alpha)
 
     def objective(key, params):
-        lw, _ = log_weights(model, guide, model_args, observations, key, params, k, "vi.renyi")
+        lw, _ = log_weights(model, guide, model_args, observations, key, params, k, "vi.renyi", learn_model)
         if alpha == 1.0:
             return jnp.mean(lw)
         return (logsumexp((1.0 - alpha) * lw) - math.log(k)) / (1.0 - alpha)
@@ -220,7 +237,7 @@ def renyi(model, guide, model_args: tuple, observations, num_particles: int, alp
     return objective
 
 
-def vimco(model, guide, model_args: tuple, observations, num_particles: int):
+def vimco(model, guide, model_args: tuple, observations, num_particles: int, *, learn_model: bool = False):
     """The IWAE bound with VIMCO's per-particle learning signals (Mnih and Rezende 2016)
     for the guide's score-function (reinforce) sites.
 
@@ -234,12 +251,89 @@ def vimco(model, guide, model_args: tuple, observations, num_particles: int):
         raise ppl.ArgumentError("vi.vimco: num_particles must be at least 2 (the baseline uses the other particles).")
 
     def objective(key, params):
-        lw, trace = log_weights(model, guide, model_args, observations, key, params, k, "vi.vimco")
+        lw, trace = log_weights(model, guide, model_args, observations, key, params, k, "vi.vimco", learn_model)
         bound = logsumexp(lw) - math.log(k)
         others = (jnp.sum(lw) - lw) / (k - 1)  # mean of the other log weights, [K]
         swapped = lw[None, :] * (1 - jnp.eye(k)) + jnp.diag(others)  # row k: log w_k -> others_k
         loo = logsumexp(swapped, axis=1) - math.log(k)
         learning_signal(trace, bound - loo)
         return bound
+
+    return objective
+
+
+def rws(model, guide, model_args: tuple, observations, num_particles: int, *, learn_model: bool = True):
+    """Reweighted wake-sleep (Bornschein and Bengio 2015), wake-theta and wake-phi in one.
+
+    With K guide draws `x_k` taken as data (`detach=True`) and self-normalized weights
+    `wbar_k` of `w_k = p(x_k, y) / q(x_k)`: the model's parameters follow the gradient
+    of the IWAE bound, `sum_k wbar_k grad log p(x_k, y)` (wake-theta), and the guide's
+    follow `sum_k wbar_k grad log q(x_k)` (wake-phi, which fits q to the posterior in
+    KL(p || q)). The objective's value is the IWAE estimate. Unlike the other
+    objectives, its gradient is this update, not the gradient of its value: wake-phi is
+    consistent in K but biased for finite K, as in the paper. `params` is
+    `(model_params, guide_params)` (`learn_model=True`), or the guide's alone.
+    """
+    _check_inputs(model, guide, model_args, "vi.rws")
+    k = _particles(num_particles, "vi.rws")
+    obs = ppl.ChoiceMap.of(observations) if observations is not None else ppl.ChoiceMap()
+
+    def objective(key, params):
+        if learn_model:
+            if not (isinstance(params, (tuple, list)) and len(params) == 2):
+                raise ppl.ArgumentError("vi.rws: with learn_model=True, params is a pair (model_params, guide_params).")
+            model_params, guide_params = params
+            m_args = (model_params,) + tuple(model_args)
+        else:
+            guide_params, m_args = params, tuple(model_args)
+        g_args = (guide_params,) + tuple(model_args)
+        trace = simulate(guide, key, g_args, num_particles=k, detach=True)
+        _check_cover(model, guide, m_args, g_args, obs, "vi.rws")
+        choices = trace.choices
+        lp = jax.vmap(lambda c: model.assess(c.merge(obs) if not obs.is_empty else c, m_args)[0])(choices)
+        lq = jax.vmap(lambda c: guide.assess(c, g_args)[0])(choices)
+        wbar = jax.nn.softmax(sg(lp - lq))
+        bound = logsumexp(lp - sg(lq)) - math.log(k)  # wake-theta: gradient in the model's params only
+        wake_phi = jnp.sum(wbar * lq)
+        return bound + wake_phi - sg(wake_phi)
+
+    return objective
+
+
+def sivi(model, mixing, conditional, model_args: tuple, observations, num_inner: int, *,
+         learn_model: bool = False):
+    """Semi-implicit VI (Yin and Zhou 2018): a hierarchical guide `q(x) = int q(x | psi)
+    q(psi) dpsi` whose marginal density is estimated by an inner importance sampler.
+
+    `mixing(params, *model_args)` draws `psi` (its return value); `conditional(params,
+    psi, *model_args)` draws the model's latent choices. With `psi_0` the draw behind
+    `x` and `psi_1..psi_M` fresh draws, `log q(x)` is estimated by
+    `log (1/(M+1)) sum_m q(x | psi_m)`; `log p(x, y)` minus it is a lower bound on the
+    ELBO of the marginal guide (in expectation), tight as M grows. Its gradient is
+    unbiased for that bound, through whatever estimators the two guides' sites carry.
+    """
+    for name, gf in (("mixing", mixing), ("conditional", conditional)):
+        if not isinstance(gf, ppl.GenerativeFunction):
+            raise ppl.ArgumentError(f"vi.sivi: {name} must be a generative function, got {type(gf).__name__}.")
+    _check_inputs(model, conditional, model_args, "vi.sivi")
+    m = _particles(num_inner, "vi.sivi")
+    obs = ppl.ChoiceMap.of(observations) if observations is not None else ppl.ChoiceMap()
+
+    def objective(key, params):
+        if learn_model:
+            model_params, params = params
+            m_args = (model_params,) + tuple(model_args)
+        else:
+            m_args = tuple(model_args)
+        k0, k1, k2 = jax.random.split(key, 3)
+        psi0 = simulate(mixing, k0, (params,) + tuple(model_args)).retval
+        c_args = (params, psi0) + tuple(model_args)
+        trace = simulate(conditional, k1, c_args)
+        _check_cover(model, conditional, m_args, c_args, obs, "vi.sivi")
+        psis = simulate(mixing, k2, (params,) + tuple(model_args), num_particles=m).retval
+        inner = jax.vmap(lambda psi: conditional.assess(trace.choices, (params, psi) + tuple(model_args))[0])(psis)
+        log_q = logsumexp(jnp.concatenate([trace.score[None], inner])) - math.log(m + 1)
+        choices = trace.choices.merge(obs) if not obs.is_empty else trace.choices
+        return model.assess(choices, m_args)[0] - log_q
 
     return objective
