@@ -3,8 +3,11 @@
 Data: the 1,797 8x8 digits bundled with scikit-learn, binarized at half intensity
 (pixel >= 8 of 16), split once into 1,500 training and 297 test images.
 
-Models (decoder and encoder are equinox MLPs, 128 hidden units, tanh; the params
-pytree is `{"encoder": eqx.nn.MLP, "decoder": eqx.nn.MLP}` as it is, modules and all):
+Models (decoder and encoder are equinox MLPs, 128 hidden units, tanh). The model has
+parameters too (the decoder), so the objectives take `learn_model=True` and the params
+are the pair `(decoder, encoder)`: two `eqx.nn.MLP` modules as they are, activation
+functions and all (`vi.grad` and `vi.fit` differentiate and optimize their
+floating-point arrays only).
 
 - Gaussian latents: z ~ Normal(0, 1)^8 per image, x ~ Bernoulli(logits=decoder(z));
   guide z ~ Normal(encoder(x)), reparameterized. Trained with the ELBO over a
@@ -68,11 +71,10 @@ def load_digits(num_test=297, seed=0):
 
 
 def init_params(key, encoder_out):
+    """(decoder, encoder): the model's and the guide's parameters."""
     k_enc, k_dec = jax.random.split(key)
-    return {
-        "encoder": eqx.nn.MLP(PIXELS, encoder_out, HIDDEN, 1, activation=jax.nn.tanh, key=k_enc),
-        "decoder": eqx.nn.MLP(LATENT, PIXELS, HIDDEN, 1, activation=jax.nn.tanh, key=k_dec),
-    }
+    return (eqx.nn.MLP(LATENT, PIXELS, HIDDEN, 1, activation=jax.nn.tanh, key=k_dec),
+            eqx.nn.MLP(PIXELS, encoder_out, HIDDEN, 1, activation=jax.nn.tanh, key=k_enc))
 
 
 # -- Gaussian latents ---------------------------------------------------------------------
@@ -83,13 +85,13 @@ def image(decoder, x):
 
 
 @ppl.gen
-def code(params, decoder, x):  # a guide's args: (params, *model_args)
-    out = params["encoder"](x)
+def code(encoder, x):  # a guide's args: (guide params, *model_args)
+    out = encoder(x)
     return ppl.sample("z", dist.Normal(out[:LATENT], jax.nn.softplus(out[LATENT:])).to_event(1))
 
 
 images = ppl.vmap(image, in_axes=(None, 0))  # a minibatch: the decoder shared, x mapped
-codes = ppl.vmap(code, in_axes=(None, None, 0))
+codes = ppl.vmap(code, in_axes=(None, 0))
 
 
 # -- binary latents -----------------------------------------------------------------------
@@ -104,8 +106,8 @@ def binary_code(estimator):
     events, so the 8 latents are a batch of Bernoullis, not one event)."""
 
     @ppl.gen
-    def guide(params, decoder, x):
-        return ppl.sample("z", estimator(dist.Bernoulli(logits=params["encoder"](x))))
+    def guide(encoder, x):
+        return ppl.sample("z", estimator(dist.Bernoulli(logits=encoder(x))))
 
     return guide
 
@@ -117,27 +119,27 @@ def minibatch_elbo(train, batch=BATCH):
     def objective(key, params):
         k_batch, k = jax.random.split(key)
         xs = train[jax.random.choice(k_batch, train.shape[0], (batch,), replace=False)]
-        return vi.elbo(images, codes, (params["decoder"], xs), None)(k, params) / batch
+        return vi.elbo(images, codes, (xs,), None, learn_model=True)(k, params) / batch
 
     return objective
 
 
 def per_image(bound, model, guide, train):
-    """`bound(model, guide, model_args, observations)` on one random training image;
-    run it with `num_samples=BATCH` for a minibatch."""
+    """`bound(model, guide, model_args, observations, learn_model=True)` on one random
+    training image; run it with `num_samples=BATCH` for a minibatch."""
 
     def objective(key, params):
         k_image, k = jax.random.split(key)
         x = train[jax.random.randint(k_image, (), 0, train.shape[0])]
-        return bound(model, guide, (params["decoder"], x), None)(k, params)
+        return bound(model, guide, (x,), None, learn_model=True)(k, params)
 
     return objective
 
 
 def variants(train):
     """name -> (objective, num_samples, latent kind, encoder outputs)."""
-    iwae5 = lambda m, g, a, o: vi.iwae(m, g, a, o, 5)  # noqa: E731
-    vimco5 = lambda m, g, a, o: vi.vimco(m, g, a, o, 5)  # noqa: E731
+    iwae5 = lambda *a, **kw: vi.iwae(*a, 5, **kw)  # noqa: E731
+    vimco5 = lambda *a, **kw: vi.vimco(*a, 5, **kw)  # noqa: E731
     loo = lambda d: vi.reinforce(d, baseline="leave_one_out")  # noqa: E731
     return {
         "gaussian, ELBO (reparam)": (minibatch_elbo(train), 1, "gaussian", 2 * LATENT),
@@ -158,9 +160,11 @@ def gaussian_bounds(key, params, test, num_particles=1000):
     """Per test image: (ELBO, IWAE-K) from the same K guide draws, averaged over images.
     Plain GFI calls: guide.simulate and model.assess, vmapped over particles and images."""
 
+    decoder, encoder = params
+
     def one(k, x):
-        tr = jax.vmap(lambda kk: code.simulate(kk, (params, params["decoder"], x)))(jax.random.split(k, num_particles))
-        log_p = jax.vmap(lambda c: image.assess(c, (params["decoder"], x))[0])(tr.choices)
+        tr = jax.vmap(lambda kk: code.simulate(kk, (encoder, x)))(jax.random.split(k, num_particles))
+        log_p = jax.vmap(lambda c: image.assess(c, (decoder, x))[0])(tr.choices)
         log_w = log_p - tr.score
         return jnp.mean(log_w), logsumexp(log_w) - math.log(num_particles)
 
@@ -174,10 +178,11 @@ ALL_CODES = jnp.asarray(np.array(np.unravel_index(np.arange(2**LATENT), (2,) * L
 def binary_bounds(params, test):
     """Exact per-image ELBO and log p(x), summing the 256 codes, averaged over images."""
     guide = binary_code(lambda d: d)
+    decoder, encoder = params
 
     def one(x):
-        log_p = jax.vmap(lambda z: binary_image.assess({"z": z}, (params["decoder"], x))[0])(ALL_CODES)
-        log_q = jax.vmap(lambda z: guide.assess({"z": z}, (params, params["decoder"], x))[0])(ALL_CODES)
+        log_p = jax.vmap(lambda z: binary_image.assess({"z": z}, (decoder, x))[0])(ALL_CODES)
+        log_q = jax.vmap(lambda z: guide.assess({"z": z}, (encoder, x))[0])(ALL_CODES)
         return jnp.sum(jnp.exp(log_q) * (log_p - log_q)), logsumexp(log_p)
 
     elbo, log_px = jax.lax.map(one, test, batch_size=32)
@@ -187,15 +192,16 @@ def binary_bounds(params, test):
 def reconstruct(params, kind, xs):
     """Pixel probabilities of the decoder at the guide's mean code (Gaussian: the mean;
     binary: the most probable code)."""
-    out = jax.vmap(params["encoder"])(xs)
+    decoder, encoder = params
+    out = jax.vmap(encoder)(xs)
     z = out[:, :LATENT] if kind == "gaussian" else (out > 0).astype(jnp.float32)
-    return jax.nn.sigmoid(jax.vmap(params["decoder"])(z))
+    return jax.nn.sigmoid(jax.vmap(decoder)(z))
 
 
 def prior_samples(key, params, kind, n):
     z = (jax.random.normal(key, (n, LATENT)) if kind == "gaussian"
          else jax.random.bernoulli(key, 0.5, (n, LATENT)).astype(jnp.float32))
-    return jax.nn.sigmoid(jax.vmap(params["decoder"])(z))
+    return jax.nn.sigmoid(jax.vmap(params[0])(z))
 
 
 # -- training -----------------------------------------------------------------------------
