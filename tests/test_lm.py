@@ -193,14 +193,16 @@ def test_step_ends_at_delimiter_and_end_of_answer_masks_the_row(model, state):
     assert np.isfinite(lp) and int(after.length) == len(PROMPT) + L and not bool(after.is_finished)
 
 
-def test_a_full_context_finishes_the_row(model):
-    step = lm_step(model, L)
-    state = init_state(model, PROMPT, len(PROMPT) + 3)
+def test_a_full_context_finishes_the_row(model, step):
+    state = init_state(model, PROMPT, len(PROMPT) + 3)  # room for 3 more tokens
     tr = step.simulate(jax.random.key(0), (state,))
     tokens = np.asarray(tr[()])
+    assert STOP not in tokens and EOS not in tokens  # this key's draw reaches the end of the context
     assert np.all(tokens[:3] != PAD) and np.all(tokens[3:] == PAD)
     assert bool(tr.retval[0].is_finished) and int(tr.retval[0].length) == len(PROMPT) + 3
     np.testing.assert_allclose(step.assess(tr.choices, (state,))[0], tr.score, atol=1e-4)
+    lp, after = step.score(state, jnp.array([7, 8, 9, 10, PAD, PAD]))  # one token too many
+    assert float(lp) == -np.inf
 
 
 # -- sampling settings -----------------------------------------------------------------------------------
@@ -271,10 +273,6 @@ def test_step_in_a_scan_model_under_the_particle_filter(step, state):
         return state, tokens
 
     model = ppl.scan(reasoning, length=3)
-    tr = model.simulate(jax.random.key(0), (state, None))
-    assert tr["step"].shape == (3, L)
-    lp, _ = model.assess(tr.choices, (state, None))
-    np.testing.assert_allclose(lp, tr.score, atol=1e-4)
     result = smc.particle_filter(jax.random.key(1), model, (state, None), {}, 4, ess_threshold=1.0)
     assert np.isfinite(float(result.log_marginal)) and result.particles["step"].shape == (4, L)
     paths = result.paths()
@@ -401,9 +399,10 @@ def test_checkpoint_round_trip(tmp_path, arch):
     assert np.all(np.isfinite(np.asarray(lm.model(jnp.asarray(ids)))))
     step = lm.step(8, delimiter="\n\n")
     assert step.stop_tokens == (2,) and step.eos_tokens == (1,)
-    state = lm.prompt("the cat", cache_size=32)
-    tr = step.simulate(jax.random.key(0), (state,))
-    np.testing.assert_allclose(step.assess(tr.choices, (state,))[0], tr.score, atol=1e-4)
+    if arch == "qwen3":  # the step on a loaded checkpoint (compiles are per architecture: one is enough)
+        state = lm.prompt("the cat", cache_size=32)
+        tr = step.simulate(jax.random.key(0), (state,))
+        np.testing.assert_allclose(step.assess(tr.choices, (state,))[0], tr.score, atol=1e-4)
 
 
 def test_bfloat16_checkpoint(tmp_path):
@@ -431,7 +430,8 @@ def test_logits_match_transformers(tmp_path, arch):
     print(f"\n{arch}: max |logit difference| vs transformers {transformers.__version__} = {diff:.2e} "
           f"(logits up to {np.max(np.abs(expected)):.1f})")
     assert diff < 1e-4
-    # and through the cache, one step at a time
+    if arch not in ("qwen3", "llama3-rope-tied"):  # the cached pass on the two with the most options
+        return
     state = init_state(ours.model, jnp.asarray(ids[:4]), 32)
     for t in range(4, len(ids)):
         logits, state = next_token_logits(ours.model, state)
@@ -467,7 +467,8 @@ def test_checkpoint_errors(tmp_path):
 # -- docstring examples -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["ppl.lm", "ppl.lm._config", "ppl.lm._transformer", "ppl.lm._sampling",
+# ppl.lm's own docstring runs in tests/test_doctests.py with the other top-level modules.
+@pytest.mark.parametrize("name", ["ppl.lm._config", "ppl.lm._transformer", "ppl.lm._sampling",
                                   "ppl.lm._state", "ppl.lm._step"])
 def test_docstring_examples_run(name):
     globs = {"jax": jax, "jnp": jnp, "ppl": ppl}

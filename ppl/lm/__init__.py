@@ -37,7 +37,7 @@ Checkpoints come from a local folder in the Hugging Face layout (`load`,
 ...                         num_heads=4, num_kv_heads=2)
 >>> model = Transformer.random(jax.random.key(0), cfg)
 >>> step = lm_step(model, max_step_len=8, stop_tokens=(1,), eos_tokens=(2,))
->>> state = init_state(model, jnp.array([3, 4, 5]), cache_size=64)
+>>> state = init_state(model, jnp.array([3, 4, 5]), cache_size=32)
 >>> tr = ppl.scan(step, length=4).simulate(jax.random.key(1), (state, None))
 >>> tr[()].shape  # four steps of eight token slots
 (4, 8)

@@ -73,9 +73,9 @@ def init_state(model: Transformer, prompt, cache_size: int, prompt_length=None) 
     >>> from ppl.lm import Transformer, TransformerConfig
     >>> cfg = TransformerConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
     ...                         num_heads=4, num_kv_heads=2)
-    >>> state = init_state(Transformer.random(jax.random.key(0), cfg), jnp.array([3, 4, 5]), 16)
+    >>> state = init_state(Transformer.random(jax.random.key(0), cfg), jnp.array([3, 4, 5]), 32)
     >>> state.tokens.shape, int(state.length), state.cache.keys.shape
-    ((16,), 3, (2, 16, 2, 4))
+    ((32,), 3, (2, 32, 2, 4))
     """
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):

@@ -233,25 +233,68 @@ def _masks(vocab: int, stop_tokens, eos_tokens):
 
 @functools.partial(jax.jit, static_argnums=3)
 def _sample(model: Transformer, key, state: LMState, rules):
+    return _sampler(rules)(model, key, state)
+
+
+@functools.lru_cache(maxsize=None)
+def _sampler(rules):
+    """The one-row sampler for `rules`, with a batching rule of its own.
+
+    Under `jax.vmap`, a `while_loop` whose predicate differs per row selects between the
+    old and the new carry of every row at every iteration: a copy of the whole KV cache
+    per token (1.6x slower at S = 1024 on CPU). The rule below runs the batch in one loop
+    whose predicate is "some row is still drawing" and masks finished rows inside the
+    body instead: their cache writes fall past the cache (dropped), so nothing is copied.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def one_row(model, key, state):
+        batch = jax.tree.map(lambda x: x[None], state)
+        out = _sample_rows(model, key, batch, rules, model_axes=None, key_axis=None)
+        return jax.tree.map(lambda x: x[0], out)
+
+    @one_row.def_vmap
+    def rows(axis_size, in_batched, model, key, state):
+        model_batched, key_batched, state_batched = in_batched
+        model_axes = jax.tree.map(lambda b: 0 if b else None, model_batched)
+        state = jax.tree.map(lambda x, b: x if b else jnp.broadcast_to(x, (axis_size,) + x.shape),
+                             state, state_batched)
+        out = _sample_rows(model, key, state, rules, model_axes, 0 if key_batched else None)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return one_row
+
+
+def _sample_rows(model, key, states: LMState, rules, model_axes, key_axis):
+    """Sample one step for each row of `states` (leading axis R) in one while loop."""
     steps, stop_tokens, eos_tokens, sampler = rules
-    size = state.tokens.shape[-1]
+    rows, size = states.tokens.shape
     is_stop, is_eos = _masks(model.config.vocab_size, stop_tokens, eos_tokens)
 
-    def body(carry):
-        i, st, tokens, log_prob, _ = carry
-        logits, st = next_token_logits(model, st)
-        log_probs = sampler.log_probs(logits)
+    def row_body(model, key, i, st, is_done):
+        # A done row runs at position `size`: its cache write is dropped, its outputs masked.
+        position = jnp.where(is_done, size, st.length - 1)
+        hidden, cache = model.forward(st.tokens[jnp.minimum(position, size - 1)][None], position[None], st.cache)
+        log_probs = sampler.log_probs(model.logits(hidden[0]))
         token = jax.random.categorical(jax.random.fold_in(key, i), log_probs).astype(jnp.int32)
-        length = st.length + 1
-        is_finished = is_eos[token] | (length >= size)
-        st = LMState(st.tokens.at[st.length].set(token), length, st.cache, st.prompt_length, is_finished)
-        is_done = is_finished | is_stop[token] | (i + 1 >= steps)
-        return i + 1, st, tokens.at[i].set(token), log_prob + log_probs[token], is_done
+        length = jnp.where(is_done, st.length, st.length + 1)
+        tokens = jnp.where(is_done, st.tokens, st.tokens.at[st.length].set(token, mode="drop"))
+        is_finished = st.is_finished | (~is_done & (is_eos[token] | (length >= size)))
+        now_done = is_done | is_finished | is_stop[token] | (i + 1 >= steps)
+        st = LMState(tokens, length, cache, st.prompt_length, is_finished)
+        return st, jnp.where(is_done, PAD, token), jnp.where(is_done, 0.0, log_probs[token]), now_done
 
-    start = (jnp.int32(0), state, jnp.full((steps,), PAD, jnp.int32), jnp.zeros((), jnp.float32),
-             state.is_finished | (state.length >= size))
-    _, new_state, tokens, log_prob, _ = jax.lax.while_loop(lambda c: ~c[4], body, start)
-    return new_state, tokens, log_prob
+    step_rows = jax.vmap(row_body, in_axes=(model_axes, key_axis, None, 0, 0))
+
+    def body(carry):
+        i, st, tokens, log_prob, is_done = carry
+        st, token, token_log_prob, is_done = step_rows(model, key, i, st, is_done)
+        return i + 1, st, tokens.at[:, i].set(token), log_prob + token_log_prob, is_done
+
+    start = (jnp.int32(0), states, jnp.full((rows, steps), PAD, jnp.int32), jnp.zeros((rows,), jnp.float32),
+             states.is_finished | (states.length >= size))
+    _, states, tokens, log_prob, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[4]), body, start)
+    return states, tokens, log_prob
 
 
 @functools.partial(jax.jit, static_argnums=3)
