@@ -13,7 +13,8 @@ derivative). An unwrapped site is reparam where the distribution has `rsample`, 
 reinforce. How the estimators compose, and why the sum is unbiased, is written in the
 VI guide of the documentation and in `vi/_grad.py`.
 
-- Objectives: `elbo`, `iwae`, `renyi`, `vimco` (each returns an objective), and
+- Objectives: `elbo`, `iwae`, `renyi`, `vimco`, `rws` (reweighted wake-sleep) and
+  `sivi` (semi-implicit, an inner importance sampler for the guide's marginal), and
   `log_weights` to write new ones; `learning_signal` sets per-particle signals.
 - Guides: `auto_normal` (mean-field) and `auto_mvn` (full-rank) Gaussians on the
   unconstrained space, at the model's addresses.
@@ -23,14 +24,16 @@ VI guide of the documentation and in `vi/_grad.py`.
 
 from ._estimators import Estimated, enum, mvd, reinforce, reparam
 from ._fit import fit
+from ._flows import IAF, AffineCoupling, DiagonalAffine, Flow, FlowDistribution, Planar, Radial, flow_guide
 from ._grad import generate, grad, learning_signal, simulate
 from ._guides import auto_mvn, auto_normal
-from ._objectives import elbo, iwae, log_weights, renyi, vimco
+from ._objectives import elbo, iwae, log_weights, renyi, rws, sivi, vimco
 
 __all__ = [
     "grad", "simulate", "generate", "learning_signal",
     "reparam", "reinforce", "enum", "mvd", "Estimated",
-    "elbo", "iwae", "renyi", "vimco", "log_weights",
+    "elbo", "iwae", "renyi", "vimco", "rws", "sivi", "log_weights",
     "auto_normal", "auto_mvn",
+    "flow_guide", "FlowDistribution", "Flow", "DiagonalAffine", "Planar", "Radial", "AffineCoupling", "IAF",
     "fit",
 ]
