@@ -262,6 +262,10 @@ def test_jit_and_vmap_agree_with_eager(step, state):
     batch = jax.vmap(step.simulate, in_axes=(0, None))(keys, (state,))
     assert batch[()].shape == (3, L) and batch.retval[0].cache.keys.shape[0] == 3
     np.testing.assert_array_equal(batch[()][1], step.simulate(keys[1], (state,))[()])
+    # ppl.vmap over a batch of states (rows at their own lengths after one step each)
+    rows = ppl.vmap(step, in_axes=(0,)).simulate(jax.random.key(7), (batch.retval[0],))
+    assert rows[()].shape == (3, L)
+    np.testing.assert_array_equal(rows.retval[0].length, batch.retval[0].length + np.sum(rows[()] != PAD, axis=1))
 
 
 def test_step_in_a_scan_model_under_the_particle_filter(step, state):

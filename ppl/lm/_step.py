@@ -55,6 +55,11 @@ class LMStep(GenerativeFunction):
 
     `sample(key, state)` and `score(state, tokens)` are the same computations without a
     trace, for one row: `(new_state, tokens, log_prob)` and `(log_prob, new_state)`.
+
+    Memory: a trace keeps its args and its return value, so a step's trace holds the
+    state before and after the step, two KV caches. Code that keeps the traces of many
+    steps (a filter's history of T steps) holds 2T caches per particle unless it keeps
+    only the choices and scores.
     """
 
     def __init__(self, model: Transformer, max_step_len: int, stop_tokens=(), eos_tokens=(), sampler=None):
