@@ -126,3 +126,11 @@ def test_mcmc_notebook_executes():
         out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
     )
     assert "r_hat" in text and "divergences per chain" in text
+
+
+def test_vi_notebook_executes():
+    nb = _execute_notebook("vi.ipynb")
+    text = "".join(
+        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+    )
+    assert "posterior: mean" in text and "d/dlog_s" in text and "test log p(x)" in text
