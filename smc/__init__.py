@@ -5,7 +5,9 @@
   over the steps of a `ppl.scan` state-space model, built on `ScanGF.step` and
   `ppl.particle_key`; returns a `ParticleFilterResult` (log_marginal, log_weights,
   ess per step, ancestors, particles, and `paths()` for whole trajectories), with
-  optional MCMC rejuvenation (any `inference.Kernel`) after each resampling.
+  optional MCMC rejuvenation (any `inference.Kernel`) after each resampling; particles
+  that finish early (a `ppl.mask`ed step and a done flag in the carry) keep their weight
+  and carry, and with `is_finished` the run ends its work once all have finished.
 - `tempered(key, model, args, observations, num_particles, kernel=None, ...)`: adaptive
   tempered SMC for a static model, from the prior to the posterior, standard or
   waste-free; returns a `TemperedResult` (log_marginal, particles, temperatures, ess,
@@ -19,8 +21,7 @@
 - `backward_simulation(key, result, num_samples)`: forward filtering, backward
   simulation of smoothed trajectories from a `particle_filter` result.
 
-Not yet here (tracked in the SMC issue): early stopping of finished particles, and the
-LLM methods.
+Not yet here (tracked in the SMC issue): the LLM methods.
 """
 
 from ._csmc import CSMCResult, csmc

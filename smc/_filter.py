@@ -56,8 +56,13 @@ class ParticleFilterResult:
       step_log_weights: [T, N] normalized log weights of each step's particles after
                        that step's reweighting (before any resampling at the next step);
                        the last row is `log_weights`. Backward smoothing reads them.
+      is_finished:     [T, N] bool, with `particle_filter(..., is_finished=f)`: `f` of each
+                       stored step trace's new carry, i.e. whether particle j had finished
+                       after step t (None without `is_finished`).
       particles:       (property) the final step's kernel traces, a batch of N traces:
                        `particles["x"].shape == (N, ...)`, weighted by `log_weights`.
+      step_particles:  (property) every step's kernel traces, `step_particles["x"]` of
+                       shape (T, N, ...), step t weighted by `step_log_weights[t]`.
 
     `paths()` gives each final particle's whole trajectory, its genealogy traced back
     through `ancestors`: a batch of N traces of the scan model, choices [N, T, ...].
@@ -66,7 +71,7 @@ class ParticleFilterResult:
     """
 
     def __init__(self, steps, aux, dynamic_args, log_marginal, log_weights, ess, ancestors, resampled,
-                 degenerate_step, step_log_weights=None):
+                 degenerate_step, step_log_weights=None, is_finished=None):
         self._steps = steps  # kernel traces stacked over steps, [T, N, ...] or [T, ...] (shared)
         self._aux = aux  # (model, static part of args, per-leaf is_batched flags of _steps)
         self._dynamic_args = dynamic_args
@@ -77,6 +82,7 @@ class ParticleFilterResult:
         self.resampled = resampled
         self.degenerate_step = degenerate_step
         self.step_log_weights = step_log_weights
+        self.is_finished = is_finished
 
     @property
     def num_particles(self) -> int:
@@ -108,6 +114,19 @@ class ParticleFilterResult:
                for leaf, batched in zip(leaves, self._aux[2])]
         return jax.tree.unflatten(treedef, out)
 
+    @property
+    def step_particles(self) -> Trace:
+        """Every step's particles: the kernel's traces stacked over steps, leaves [T, N, ...].
+
+        Step t's particles, weighted by `step_log_weights[t]`, approximate the filtering
+        distribution p(latents_t | observations_0..t) (with `rejuvenation`, as moved).
+        """
+        shape = self.ancestors.shape
+        leaves, treedef = jax.tree.flatten(self._steps)
+        out = [leaf if batched else jnp.broadcast_to(leaf[:, None], shape + jnp.shape(leaf)[1:])
+               for leaf, batched in zip(leaves, self._aux[2])]
+        return jax.tree.unflatten(treedef, out)
+
     def paths(self) -> Trace:
         """Whole trajectories of the final particles: N traces of the scan model.
 
@@ -134,7 +153,8 @@ class ParticleFilterResult:
 
     def tree_flatten(self):
         children = (self._steps, self._dynamic_args, self.log_marginal, self.log_weights, self.ess,
-                    self.ancestors, self.resampled, self.degenerate_step, self.step_log_weights)
+                    self.ancestors, self.resampled, self.degenerate_step, self.step_log_weights,
+                    self.is_finished)
         return children, self._aux
 
     @classmethod
@@ -153,6 +173,7 @@ def particle_filter(
     resampling="systematic",
     ess_threshold: float = 0.5,
     rejuvenation=None,
+    is_finished=None,
 ) -> ParticleFilterResult:
     """Sequential Monte Carlo over the steps of a `ppl.scan` state-space model.
 
@@ -201,12 +222,31 @@ def particle_filter(
     row t links them: row t is the resampling before step t + 1 (the moved particles
     are indexed as after it), the first and last rows are `arange(N)`; `paths()` and
     `step_log_weights` follow (uniform at a step whose particles were resampled).
-    Early stopping (ending a run when every particle is finished) is
-    not implemented yet.
+
+    Early stopping. A particle stops through the model, not the filter: the kernel
+    keeps a `done` flag in its carry and wraps its step in `ppl.mask`, so that once
+    `done` holds the step adds nothing to the score or the weight and returns the carry
+    unchanged. Such a particle keeps its weight (its increments are 0) and its carry;
+    it stays in the population, is counted in the ESS and is resampled like any other
+    (dropping or copying it by its weight is what keeps the evidence estimate
+    unbiased). The filter needs nothing more to be correct. `is_finished`, a function
+    of one particle's carry returning a boolean scalar, tells it which particles are
+    done, so that it can save work: (1) rejuvenation leaves a particle alone whose
+    last step was masked (finished before it; its placeholders have no target to
+    move to); (2) once every particle is finished, the remaining steps are not run:
+    no kernel evaluation (after one all-masked step, whose trace is then stored for
+    every later step, with the step's own input), no resampling, weights and evidence
+    unchanged; (3) the result's `is_finished` [T, N] says which particles had finished
+    after each step. `is_finished` is a promise about the model: a particle that it
+    calls finished before a step gets a zero increment and an unchanged carry from
+    that step; called eagerly, the filter raises `ArgumentError` naming the step if
+    the model breaks it.
 
     Errors: `ArgumentError` for a model that is not a `ppl.scan`, an `ess_threshold`
     outside [0, 1], an unknown resampling name, a `rejuvenation` that is not an
-    `inference.Kernel` or comes with `ess_threshold=0.0` (which never resamples); `ObservationError` for observations
+    `inference.Kernel` or comes with `ess_threshold=0.0` (which never resamples), an
+    `is_finished` that is not a function of the carry returning a boolean scalar (or,
+    eagerly, a model that changes a finished particle); `ObservationError` for observations
     whose leading axis is not the number of steps T, or non-finite. Called eagerly, a
     step at which every particle has log weight -inf (or a weight is NaN or +inf)
     raises `InferenceError` naming the step and the site; under `jax.jit` the result is
@@ -248,6 +288,10 @@ def particle_filter(
             f"got {type(proposal).__name__}."
         )
     _check_rejuvenation(rejuvenation, ess_threshold)
+    if is_finished is not None and not callable(is_finished):
+        raise ArgumentError(
+            f"{_WHERE}: is_finished must be a function of one particle's carry returning a boolean scalar, "
+            f"e.g. lambda carry: carry[1] for a carry (x, done); got {type(is_finished).__name__}.")
     num_steps = model.num_steps(args)
     observations = ChoiceMap.of(observations)
     _check_observations(observations, num_steps, model)
@@ -256,15 +300,17 @@ def particle_filter(
     result, status = _particle_filter(
         key, dynamic, observations, static=static, model=model, num_particles=int(num_particles),
         proposal=proposal, resampler=resampler, ess_threshold=ess_threshold, rejuvenation=rejuvenation,
+        is_finished=is_finished,
     )
-    _raise_if_degenerate(result, status)
+    _raise_if_degenerate(result, status[0])
+    _raise_if_unfinished(result, status[1])
     return result
 
 
 @functools.partial(jax.jit, static_argnames=("static", "model", "num_particles", "proposal", "resampler",
-                                             "ess_threshold", "rejuvenation"))
+                                             "ess_threshold", "rejuvenation", "is_finished"))
 def _particle_filter(key, dynamic, observations, *, static, model, num_particles, proposal, resampler,
-                     ess_threshold, rejuvenation=None):
+                     ess_threshold, rejuvenation=None, is_finished=None):
     args = combine(dynamic, static)
     init_carry, xs = args
     num_steps = model.num_steps(args)
@@ -282,9 +328,11 @@ def _particle_filter(key, dynamic, observations, *, static, model, num_particles
         tr, w, new_carry = model.step(particle_key(k_model, i), t, carry, x, obs.merge(q.choices))
         return tr, w - q.score, new_carry
 
-    def resample(t, carry, log_w):
+    def resample(t, carry, log_w, all_done):
         ess = jnp.exp(-logsumexp(2.0 * log_w))
-        do = (t > 0) & ((ess < ess_threshold * n) | (ess_threshold >= 1.0))
+        # Once every particle is finished the weights never change again: resampling
+        # would only add noise.
+        do = (t > 0) & ((ess < ess_threshold * n) | (ess_threshold >= 1.0)) & ~all_done
         ancestors = jax.lax.cond(
             do, lambda: resampler(jax.random.fold_in(k_resample, t), log_w, n).astype(jnp.int32),
             lambda: jnp.arange(n, dtype=jnp.int32))
@@ -304,7 +352,11 @@ def _particle_filter(key, dynamic, observations, *, static, model, num_particles
 
             def one(k, trace):
                 state = rejuvenation.init(trace, observed=observed, num_warmup=0)
-                return rejuvenation.step(k, state)[0].trace
+                moved = rejuvenation.step(k, state)[0].trace
+                if is_finished is None:
+                    return moved
+                # A step that began finished was masked: nothing of it to move.
+                return _where(_finished(trace.args[0]), trace, moved)
 
             moved = jax.vmap(one)(jax.random.split(jax.random.fold_in(k_rejuvenate, t), n), gathered)
             moved = jax.tree.map(lambda a, b: a.astype(b.dtype), moved, prev)
@@ -312,41 +364,92 @@ def _particle_filter(key, dynamic, observations, *, static, model, num_particles
 
         return jax.lax.cond(did, move, lambda prev: (prev, carry), prev)
 
-    def body(state, inputs):
-        carry, log_w, log_z, *prev = state
-        t, x, obs = inputs
-        if ess_threshold > 0.0:
-            carry, log_w, ancestors, did = resample(t, carry, log_w)
-        else:
-            ancestors, did = jnp.arange(n, dtype=jnp.int32), jnp.zeros((), bool)
-        if rejuvenation is not None:
-            moved, carry = rejuvenate(t, prev[0], ancestors, did, carry)
+    def _finished(one_carry):
+        flag = is_finished(one_carry)
+        if jnp.shape(flag) != () or not (jnp.result_type(flag) == jnp.bool_):
+            raise ArgumentError(
+                f"{_WHERE}: is_finished must return a boolean scalar for one particle's carry, got "
+                f"{jnp.result_type(flag)}{list(jnp.shape(flag))}. Write it for one particle, e.g. "
+                "lambda carry: carry[1] for a carry (x, done).")
+        return flag
+
+    def run_step(t, x, obs, carry):
+        """Every particle through step t: (traces, increments [N], new carries)."""
         (tr, inc, new_carry), is_batched = _vmap_shared(lambda i, c: advance(i, c, t, x, obs), indices, carry)
         flags[:] = [is_batched[: len(jax.tree.leaves(tr))]]
         new_carry = _like_carry(new_carry, carry, model)
-        log_w = log_w + jnp.broadcast_to(inc, (n,))
+        return tr, jnp.broadcast_to(inc, (n,)), new_carry
+
+    def body(state, inputs):
+        carry, log_w, log_z, *extra = state
+        t, x, obs = inputs
+        if is_finished is not None:
+            saved, has_saved = extra[-2:]
+            done = jax.vmap(_finished)(carry)
+            all_done = jnp.all(done)
+        else:
+            all_done = jnp.zeros((), bool)
+        if ess_threshold > 0.0:
+            carry, log_w, ancestors, did = resample(t, carry, log_w, all_done)
+        else:
+            ancestors, did = jnp.arange(n, dtype=jnp.int32), jnp.zeros((), bool)
+        if rejuvenation is not None:
+            moved, carry = rejuvenate(t, extra[0], ancestors, did, carry)
+        if is_finished is None:
+            tr, inc, new_carry = run_step(t, x, obs, carry)
+            is_broken = jnp.zeros((), bool)
+        else:
+            # Every particle finished before this step and one all-masked step already
+            # run: reuse its traces (zero score, same carries) instead of the kernel.
+            def computed():
+                tr, inc, new_carry = run_step(t, x, obs, carry)
+                return _broadcast_batch(tr, flags[0], n), inc, new_carry
+
+            skip = all_done & has_saved
+            tr, inc, new_carry = jax.lax.cond(
+                skip, lambda: (_with_input(saved, x, n), jnp.zeros((n,), inc_dtype[0]), carry), computed)
+            is_broken = jnp.any(done & (inc != 0.0)) | jnp.any(done & ~_same_carry(new_carry, carry))
+            saved = jax.lax.cond(all_done, lambda: tr, lambda: saved)
+            has_saved = has_saved | all_done
+        log_w = log_w + inc
         log_z_t = logsumexp(log_w)
         is_dead = jnp.isneginf(log_z_t)
         is_bad = jnp.isnan(log_z_t) | jnp.isposinf(log_z_t)
         log_w = jnp.where(is_dead | is_bad, uniform, log_w - log_z_t)
+        log_z_t = jnp.where(all_done, 0.0, log_z_t)
         ess = jnp.where(is_dead | is_bad, 0.0, jnp.exp(-logsumexp(2.0 * log_w)))
+        new_state = (new_carry, log_w, log_z + log_z_t)
         if rejuvenation is not None:  # keep this step's traces, emit the previous step's, moved
-            tr = _broadcast_batch(tr, flags[0], n)
-            return (new_carry, log_w, log_z + log_z_t, tr), (moved, ancestors, ess, did, is_dead | is_bad, log_w)
-        return (new_carry, log_w, log_z + log_z_t), (tr, ancestors, ess, did, is_dead | is_bad, log_w)
+            if is_finished is None:  # (with it, `computed` broadcast them already)
+                tr = _broadcast_batch(tr, flags[0], n)
+            new_state += (tr,)
+            out = moved
+        else:
+            out = tr
+        if is_finished is not None:
+            new_state += (saved, has_saved)
+        return new_state, (out, ancestors, ess, did, is_dead | is_bad, log_w, is_broken)
 
     carry0 = jax.tree.map(lambda c: jnp.broadcast_to(_strong(c), (n,) + jnp.shape(c)), init_carry)
     state0 = (carry0, uniform, jnp.zeros(()))
-    if rejuvenation is not None:  # a placeholder for "step -1's traces", never read
-        def first_traces():
-            first = jax.tree.map(lambda leaf: leaf[0], (xs, observations))
-            (tr, _, _), is_batched = _vmap_shared(lambda i, c: advance(i, c, 0, *first), indices, carry0)
-            return _broadcast_batch(tr, is_batched[: len(jax.tree.leaves(tr))], n)
 
-        state0 += (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(first_traces)),)
+    def first_traces():
+        first = jax.tree.map(lambda leaf: leaf[0], (xs, observations))
+        (tr, inc, _), is_batched = _vmap_shared(lambda i, c: advance(i, c, 0, *first), indices, carry0)
+        return _broadcast_batch(tr, is_batched[: len(jax.tree.leaves(tr))], n), inc
+
+    inc_dtype = []
+    if rejuvenation is not None or is_finished is not None:  # placeholders for traces, never read
+        shapes, inc_shape = jax.eval_shape(first_traces)
+        inc_dtype.append(inc_shape.dtype)
+        placeholder = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        if rejuvenation is not None:
+            state0 += (placeholder,)
+        if is_finished is not None:
+            state0 += (placeholder, jnp.zeros((), bool))
     try:
-        (_, log_w, log_z, *last), (steps, ancestors, ess, resampled, degenerate, step_log_w) = jax.lax.scan(
-            body, state0, (jnp.arange(num_steps), xs, observations), length=num_steps)
+        (_, log_w, log_z, *last), (steps, ancestors, ess, resampled, degenerate, step_log_w, broken) = (
+            jax.lax.scan(body, state0, (jnp.arange(num_steps), xs, observations), length=num_steps))
     except TypeError as e:
         if "carry" not in str(e):
             raise
@@ -354,13 +457,19 @@ def _particle_filter(key, dynamic, observations, *, static, model, num_particles
             f"{_WHERE}: the kernel {model.kernel.__name__} must return a new carry of the same structure, "
             f"shapes and dtypes as the carry it receives. JAX says: {e}") from None
     degenerate_step = jnp.where(jnp.any(degenerate), jnp.argmax(degenerate), -1).astype(jnp.int32)
+    broken_step = jnp.where(jnp.any(broken), jnp.argmax(broken), -1).astype(jnp.int32)
     if rejuvenation is not None:
         steps, ancestors, step_log_w = _rejuvenated_history(steps, last[0], ancestors, resampled, step_log_w)
+    if rejuvenation is not None or is_finished is not None:
         flags[:] = [(True,) * len(flags[0])]
+    finished = None
+    if is_finished is not None:
+        new_carries = model._split_retval(steps.retval)[0]
+        finished = jax.vmap(jax.vmap(_finished))(new_carries)
     aux = (model, static, tuple(flags[0]))
     result = ParticleFilterResult(steps, aux, dynamic, log_z, log_w, ess, ancestors, resampled,
-                                  degenerate_step, step_log_w)
-    return result, degenerate_step
+                                  degenerate_step, step_log_w, finished)
+    return result, (degenerate_step, broken_step)
 
 
 # -- checks ----------------------------------------------------------------------------------
@@ -449,7 +558,44 @@ def _raise_if_degenerate(result: ParticleFilterResult, status) -> None:
         "result.degenerate_step instead of raising.)")
 
 
+def _raise_if_unfinished(result: ParticleFilterResult, status) -> None:
+    """A particle that `is_finished` called finished changed its weight or carry."""
+    if not is_concrete(status) or int(status) < 0:
+        return
+    raise ArgumentError(
+        f"{_WHERE}: at step {int(status)} (of {result.num_steps}, counting from 0) a particle that "
+        "is_finished called finished before the step got a nonzero log weight increment or a different "
+        "carry from it. is_finished promises that a finished particle's steps add nothing: wrap the step of "
+        f"{result.model.kernel.__name__} in ppl.mask(...) with the flag `not done`, and return the old carry "
+        "when done (jnp.where(done, carry, new_carry)).")
+
+
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _where(flag, a, b):
+    return jax.tree.map(lambda x, y: jnp.where(flag, x, y), a, b)
+
+
+def _same_carry(new_carry, carry):
+    """[N] bool: each particle's new carry equals its old one (PRNG key leaves not compared)."""
+    same = jnp.ones(jax.tree.leaves(carry)[0].shape[:1], bool)
+    for a, b in zip(jax.tree.leaves(new_carry), jax.tree.leaves(carry)):
+        if jax.dtypes.issubdtype(b.dtype, jax.dtypes.prng_key):
+            continue
+        equal = (a == b) | (jnp.isnan(a) & jnp.isnan(b)) if jnp.issubdtype(b.dtype, jnp.inexact) else a == b
+        same = same & jnp.all(equal.reshape(equal.shape[0], -1), axis=1)
+    return same
+
+
+def _with_input(trace: Trace, x, n: int) -> Trace:
+    """A stored batch of step traces with its input replaced by step x's (broadcast to N)."""
+    if x is None:
+        return trace
+    carry, old = trace.args
+    new = jax.tree.map(lambda o, v: jnp.broadcast_to(v, o.shape).astype(o.dtype), old, x)
+    return Trace(trace.gen_fn, (carry, new), trace.retval, trace.score, trace.inner, trace._static)
+
 
 
 def _strong(x):
