@@ -55,6 +55,10 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
     Returns `(params, history)`: the final params (same pytree structure) and the
     objective's estimates per step, `[num_steps]`.
 
+    Compilation is cached per (objective, optimizer) object: build them once and reuse
+    them across calls (`optax.adam(1e-3)` written again is a new optimizer, and a new
+    objective from `vi.elbo(...)` a new function, each costing a fresh compile).
+
     Options:
       progress_bar: None shows a tqdm bar when stderr is a terminal and `CI` is unset.
       chunk_size: steps per jitted scan between host updates (default num_steps / 20).
