@@ -134,3 +134,13 @@ def test_vi_notebook_executes():
         out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
     )
     assert "posterior: mean" in text and "d/dlog_s" in text and "test log p(x)" in text
+
+
+def test_smc_notebook_executes():
+    nb = _execute_notebook("smc.ipynb")
+    text = "".join(
+        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+    )
+    for expected in ["Kalman filter (exact)", "systematic", "paths['x']: (1000, 50)", "the band covers",
+                     "tempered SMC", "CSMC mean"]:
+        assert expected in text, f"smc.ipynb: no {expected!r} in its output"
