@@ -395,6 +395,11 @@ def _particle_filter(key, dynamic, observations, *, static, model, num_particles
             ancestors, did = jnp.arange(n, dtype=jnp.int32), jnp.zeros((), bool)
         if rejuvenation is not None:
             moved, carry = rejuvenate(t, extra[0], ancestors, did, carry)
+        if is_finished is not None and (ess_threshold > 0.0 or rejuvenation is not None):
+            # The particles as they enter the step: resampled, and perhaps moved (a move
+            # can redraw the choice that finished a particle). Unchanged if all were done.
+            done = jax.vmap(_finished)(carry)
+            all_done = jnp.all(done)
         if is_finished is None:
             tr, inc, new_carry = run_step(t, x, obs, carry)
             is_broken = jnp.zeros((), bool)

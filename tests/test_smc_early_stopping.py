@@ -167,6 +167,11 @@ def test_all_finished_skips_steps_under_jit_with_rejuvenation():
 
 def test_rejuvenation_with_finished_particles_keeps_evidence():
     check_evidence(run_seeds(16, 200, seed=3, ess_threshold=0.5, rejuvenation=inference.mh(("s", "z"))))
+    # Called directly the filter checks the promise of is_finished at every step: resampled
+    # particles, and moves that redraw the stop of a particle that finished at the last step.
+    res = smc.particle_filter(jax.random.key(9), MODEL, ARGS, OBS, 100, ess_threshold=1.0,
+                              rejuvenation=inference.mh(("s", "stop")), is_finished=is_finished)
+    assert np.isfinite(float(res.log_marginal))
 
 
 def test_is_finished_errors():
