@@ -31,6 +31,12 @@ before every step t >= 1 (`ess_threshold=1.0`), and returns the log evidence est
   `handcoded_keys`     the same, with per-particle keys: particle slot i draws
                        `normal(fold_in(keys[i], t))`, keys = split(key, N) (as `vmap` over a
                        per-particle function would).
+  `particles`          the `particles` library (Chopin's, NumPy; `pip install particles`, in
+                       the `bench` extra): `particles.SMC` on `ssm.Bootstrap` of the same model
+                       (PX0 the stationary normal, PX, PY), systematic resampling with
+                       `ESSrmin=1.0` (every step t >= 1), no history or moments collected, the
+                       data in float64; seeded with `np.random.seed`. Left out, with a note,
+                       when the library is not installed. Rows get `ratio_vs_particles`.
 
 Tempered SMC (`--case tempered`, also part of the default run): Bayesian logistic
 regression on `benchmarks/data/logreg_5000x20.npz` (alpha ~ N(0, 1), beta_j ~ N(0, 1),
@@ -59,7 +65,8 @@ Output: one JSON object per line (the schema of `core.py`, see `_common.row`):
 run_ms_median / run_ms_iqr over interleaved repeats after warm-up, compile_ms (first call of
 a fresh jit after `jax.clear_caches()`), ratio_vs_handcoded (vs `handcoded_batched`, the
 target's reference), ratio_vs_lower_bound (the same), plus `ratio_vs_handcoded_keys`,
-`log_marginal` (the mean over 20 seeds), `log_marginal_sd` (their sd), `log_marginal_exact`.
+`log_marginal` (the mean over 20 seeds), `log_marginal_sd` (their sd), `log_marginal_exact`,
+and `ratio_vs_particles` (vs the `particles` library's median, when it is installed).
 Before timing the script checks every implementation's 20-seed mean against the Kalman
 value: |mean - exact| < 5 sd / sqrt(20) + sd^2 / 2 (the -Var/2 bias of log Z-hat), and
 exits with status 1 otherwise.
@@ -160,16 +167,55 @@ def handcoded(key, ys, sc, phi, sy, n, per_particle_keys):
     return log_z, log_w, x
 
 
-def makers(ys, sc, phi, sy, n):
+def particles_peer(ys, phi, sx, sy, n):
+    """The bootstrap filter of the `particles` library: key -> log Z (seeded from the key)."""
+    import particles
+    from particles import distributions as dists
+    from particles import state_space_models as ssm
+
+    class LinearGaussian(ssm.StateSpaceModel):
+        def PX0(self):
+            return dists.Normal(loc=0.0, scale=sx / math.sqrt(1 - phi**2))
+
+        def PX(self, t, xp):
+            return dists.Normal(loc=phi * xp, scale=sx)
+
+        def PY(self, t, xp, x):
+            return dists.Normal(loc=x, scale=sy)
+
+    data = np.asarray(ys, np.float64)
+
+    def run(key):
+        np.random.seed(int(np.asarray(jax.random.key_data(key))[-1]))
+        alg = particles.SMC(fk=ssm.Bootstrap(ssm=LinearGaussian(), data=data), N=n, resampling="systematic",
+                            ESSrmin=1.0, store_history=False, collect=None)
+        alg.run()
+        return np.float64(alg.logLt)
+
+    return run
+
+
+def has_particles():
+    try:
+        import particles  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def makers(ys, sc, phi, sy, n, sx=1.0):
     model = framework_model(phi, sy)
     run = lambda k: smc.particle_filter(k, model, (0.0, sc), {"y": ys}, n,  # noqa: E731
                                         resampling="systematic", ess_threshold=1.0)
-    return {
+    out = {
         "framework_direct": lambda: run,
         "framework_jit": lambda: jax.jit(lambda k: run(k).log_marginal),
         "handcoded_batched": lambda: jax.jit(lambda k: handcoded(k, ys, sc, phi, sy, n, False)),
         "handcoded_keys": lambda: jax.jit(lambda k: handcoded(k, ys, sc, phi, sy, n, True)),
     }
+    if has_particles():
+        out["particles"] = lambda: particles_peer(ys, phi, sx, sy, n)
+    return out
 
 
 def log_marginal_of(out):
@@ -178,10 +224,10 @@ def log_marginal_of(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def bench(ys, sc, phi, sy, n, exact, repeats, warmup):
+def bench(ys, sc, phi, sy, n, exact, repeats, warmup, sx=1.0):
     label = f"smc_bootstrap T={len(ys)} N={n}"
     fns, compile_ms = {}, {}
-    for name, make in makers(ys, sc, phi, sy, n).items():
+    for name, make in makers(ys, sc, phi, sy, n, sx).items():
         log(f"{label}: compiling {name}")
         fns[name], _, compile_ms[name] = first_call_ms(make, (jax.random.key(0),))
     stats = {}
@@ -198,9 +244,14 @@ def bench(ys, sc, phi, sy, n, exact, repeats, warmup):
     samples = time_interleaved(fns, (jax.random.key(0),), repeats, warmup)
     ref = float(np.median(samples["handcoded_batched"]))
     keys_ms = float(np.median(samples["handcoded_keys"]))
+    if "particles" in samples:
+        peer_ms = float(np.median(samples["particles"]))
+        peer = lambda name: {"ratio_vs_particles": round(float(np.median(samples[name])) / peer_ms, 3)}  # noqa: E731
+    else:
+        peer = lambda name: {}  # noqa: E731
     for name in fns:
         mean, sd = stats[name]
-        _common.emit("smc_bootstrap", name, n, samples[name], compile_ms[name], ref, ref,
+        _common.emit("smc_bootstrap", name, n, samples[name], compile_ms[name], ref, ref, **peer(name),
                      ratio_vs_handcoded_keys=round(float(np.median(samples[name])) / keys_ms, 3),
                      log_marginal=round(mean, 4), log_marginal_sd=round(sd, 4),
                      log_marginal_exact=round(exact, 4), num_steps=len(ys))
@@ -340,14 +391,16 @@ def main(argv=None):
         sys.exit(f"benchmarks/smc.py: FAILED CHECK: Kalman log likelihood {exact:.5f}, "
                  "README says -153.12478.")
     # One-time process costs (lazy imports, small helper jits) before any compile timing.
-    for make in makers(ys[:3], sc[:3], phi, sy, 2).values():
+    if not has_particles():
+        log("the particles library is not installed (pip install particles): no `particles` rows")
+    for make in makers(ys[:3], sc[:3], phi, sy, 2, sx).values():
         jax.block_until_ready(log_marginal_of(make()(jax.random.key(0))))
     if a.quick:
-        bench(ys, sc, phi, sy, 1_000, exact, repeats=10, warmup=2)
+        bench(ys, sc, phi, sy, 1_000, exact, repeats=10, warmup=2, sx=sx)
     else:
-        bench(ys, sc, phi, sy, 1_000, exact, repeats=50, warmup=3)
-        bench(ys, sc, phi, sy, 10_000, exact, repeats=30, warmup=3)
-        bench(ys, sc, phi, sy, 100_000, exact, repeats=15, warmup=2)
+        bench(ys, sc, phi, sy, 1_000, exact, repeats=50, warmup=3, sx=sx)
+        bench(ys, sc, phi, sy, 10_000, exact, repeats=30, warmup=3, sx=sx)
+        bench(ys, sc, phi, sy, 100_000, exact, repeats=15, warmup=2, sx=sx)
     if a.case == "all":
         bench_tempered()
 

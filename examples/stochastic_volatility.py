@@ -16,7 +16,7 @@ The model (Kim, Shephard and Chib 1998), for t = 0..T-1:
    ancestor sampling on the states, NUTS on the parameters) and `inference.run_mcmc`;
    report the posterior against the true values.
 
-Run `python examples/stochastic_volatility.py` (about a minute or two on a laptop CPU)
+Run `python examples/stochastic_volatility.py` (two to three minutes on a 2-core CPU)
 or with `--quick` (shorter series, fewer particles and iterations).
 """
 
