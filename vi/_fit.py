@@ -22,7 +22,7 @@ import optax
 import ppl
 from ppl.extend import check_key, combine, partition
 
-from ._grad import grad
+from ._grad import grad, is_float_leaf
 
 __all__ = ["fit"]
 
@@ -86,7 +86,7 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
     # the floating-point arrays are optimized; the rest (an equinox module's functions,
     # ints, Python numbers are converted) stays as it is
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x) if isinstance(x, (int, float)) else x, params)
-    diff, static = eqx.partition(params, eqx.is_inexact_array)
+    diff, static = eqx.partition(params, is_float_leaf)
     rest_dynamic, rest_static = partition(static)  # int arrays traced, the rest hashable
     opt_state = optimizer.init(diff)
     history = np.zeros(num_steps, dtype=np.float32)

@@ -433,6 +433,13 @@ def _joint_values(enum_sites) -> dict:
     return out
 
 
+def is_float_leaf(x) -> bool:
+    """A leaf that params differentiate: a floating-point array or a Python float."""
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        return bool(jnp.issubdtype(x.dtype, jnp.inexact))
+    return isinstance(x, float)
+
+
 def grad(objective, num_samples: int = 1):
     """`(key, params) -> (value, grads)`: an unbiased estimate of `E[objective(key, params)]`
     over the key, and of its gradient in `params` (a pytree; grads has its structure,
@@ -481,7 +488,7 @@ def grad(objective, num_samples: int = 1):
 
         # differentiate the floating-point arrays of params (an equinox module's
         # functions and ints are static; their gradient entries are None, as in equinox)
-        diff, static = eqx.partition(params, eqx.is_inexact_array)
+        diff, static = eqx.partition(params, is_float_leaf)
         try:
             (_, f), g = jax.value_and_grad(lambda d: surrogate(eqx.combine(d, static)), has_aux=True)(diff)
         except jax.errors.UnexpectedTracerError as e:
