@@ -18,6 +18,8 @@ Run `python examples/tour.py` (about half a minute on a laptop CPU; `--quick` is
       filter where importance sampling failed, and whole trajectories from the genealogy
   (j) VI: an automatic Gaussian guide fitted by the ELBO (against the exact posterior),
       then an objective written by hand (IWAE) and its unbiased gradient
+  (k) LLM inference-time scaling: one arithmetic problem solved by particle filtering
+      with the built-in language model and its learned process reward model
 
 Every section is a function `section(key, data, cfg)`; add new ones to SECTIONS.
 """
@@ -309,6 +311,28 @@ def section_vi(key, data, cfg):
           f"{float(jnp.exp(params2['noise']['loc'][0])):.3f} (the guide's median; true noise {TRUE_NOISE})")
 
 
+def section_llm(key, data, cfg):
+    import smc.llm as llm
+
+    # The built-in task: a tiny character-level policy (right about a third of the time
+    # from one sample) and a learned PRM. The reasoning process is a ppl.scan model whose
+    # step samples one line from the LM and weights it by ppl.reward of the PRM's score of
+    # the whole prefix; smc.particle_filter resamples the lines (and their KV caches).
+    b = llm.builtin()
+    problem = b.task.sample_problems(0, 2)[1]
+    problems = llm.encode_problems([problem])
+    n = 8
+    res = llm.particle_filtering(key, b.step, llm.learned_prm(b.prm.model), problems, n)
+    print(b.task.prompt_text(problem).strip(), f"  (true answer {problem.answer})")
+    weights = jnp.exp(res.log_weights[0])
+    for i in range(n):
+        steps = res.text(0, i).replace("\n", " | ")
+        print(f"  particle {i}: weight {float(weights[i]):.3f}  PRM {float(res.final_rewards[0, i]):.2f}  {steps}")
+    print(f"chosen answer (weighted vote) {int(res.answer[0])}, best final weight "
+          f"{int(llm.select_answer(res.answers, res.log_weights, 'argmax')[0])}, truth {problem.answer}; "
+          f"budget: {int(res.lm_calls[0])} step calls, {int(res.tokens[0])} tokens")
+
+
 SECTIONS = [
     ("(a) a model: simulate, trace, assess", section_simulate),
     ("(b) generate: conditioning on observations", section_generate),
@@ -320,6 +344,7 @@ SECTIONS = [
     ("(h) MCMC: NUTS", section_nuts),
     ("(i) SMC: a particle filter", section_smc),
     ("(j) VI: objectives as programs", section_vi),
+    ("(k) LLM inference-time scaling: particle filtering over reasoning steps", section_llm),
 ]
 
 

@@ -35,6 +35,7 @@ def test_tour_quick_runs_and_prints_every_section():
         "=== (h)", "r_hat", "posterior predictive ys: shape (4, 300, 10)",
         "=== (i)", "paths(): z of shape (500, 50)",
         "=== (j)", "hand-written IWAE (K = 16)",
+        "=== (k)", "chosen answer (weighted vote)",
     ]:
         assert expected in out, f"missing {expected!r} in tour output:\n{out}"
     _check_tour_numbers(out)
@@ -144,3 +145,12 @@ def test_smc_notebook_executes():
     for expected in ["Kalman filter (exact)", "systematic", "paths['x']: (1000, 50)", "the band covers",
                      "tempered SMC", "CSMC mean"]:
         assert expected in text, f"smc.ipynb: no {expected!r} in its output"
+
+
+def test_llm_inference_scaling_notebook_executes():
+    nb = _execute_notebook("llm_inference_scaling.ipynb")
+    text = "".join(
+        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+    )
+    for expected in ["particle 0:", "calculator reward", "proposal at temperature", "returned 1.9"]:
+        assert expected in text, f"llm_inference_scaling.ipynb: no {expected!r} in its output"
