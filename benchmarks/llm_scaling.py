@@ -12,7 +12,7 @@ Best-of-N, weighted majority vote and self-consistency read the first N of one r
 independent solutions. One JSON line per (method, prm, budget): accuracy, binomial
 stderr, LM step calls, generated tokens, seconds (the run, compile included once per
 shape), to stdout and examples/out/llm_scaling.jsonl; curves to
-examples/out/llm_scaling.png.
+examples/out/llm_scaling.png (llm_scaling_quick.* with --quick).
 
 Part 2, throughput. The fully jitted particle filter (one program: every step, the
 resampling and the KV-cache gathers inside one `lax.scan`, problems vmapped) against
@@ -376,10 +376,11 @@ def main(argv=None):
     problems = llm.encode_problems(task.sample_problems(0, num))
     budgets = (2, 8) if args.quick else (1, 2, 4, 8, 16, 32, 64)
     t0 = time.perf_counter()
-    with open(os.path.join(OUT, "llm_scaling.jsonl"), "w") as sink:
+    name = "llm_scaling_quick" if args.quick else "llm_scaling"
+    with open(os.path.join(OUT, name + ".jsonl"), "w") as sink:
         if not args.skip_accuracy:
             rows = accuracy_vs_budget(b, problems, budgets, sink)
-            plot(rows, os.path.join(OUT, "llm_scaling.png"))
+            plot(rows, os.path.join(OUT, name + ".png"))
         sizes = (16,) if args.quick else (16, 64)
         throughput(b, problems[: (8 if args.quick else 50)], sizes, sink)
         for n in sizes:
