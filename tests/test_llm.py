@@ -86,6 +86,24 @@ def test_perfect_checker_filter_at_least_as_accurate_as_best_of_n(b, problems):
     assert 0.5 < pf.tokens.sum() / bon.tokens.sum() < 2.0
 
 
+def test_beam_search_and_particle_gibbs_at_the_same_budget(b, problems):
+    # Budget N = 8: beam search with 8 particles (2 beams of 4), particle Gibbs with 4
+    # particles x 2 sweeps. With the perfect verifier both search on the verdict, so they
+    # are at least as accurate as best-of-8 (2 s.e. of the difference), and spend about the
+    # same number of tokens.
+    checker = llm.step_checker()
+    bon = llm.best_of_n(jax.random.key(2), b.step, checker, problems, N)
+    beam = llm.beam_search(jax.random.key(4), b.step, checker, problems, N, beam_width=2)
+    pg = llm.particle_gibbs(jax.random.key(4), b.step, checker, problems, N // 2, num_iterations=2)
+    for res in (beam, pg):
+        assert res.accuracy >= bon.accuracy - 2 * np.hypot(res.stderr, bon.stderr), (res.method, res.accuracy)
+        assert 0.5 < res.tokens.sum() / bon.tokens.sum() < 2.0
+    assert pg.answers.shape == (NUM_PROBLEMS, N // 2)
+    # particle Gibbs counts both sweeps: about twice what 4 independent solutions take
+    four = bon.first(N // 2, "argmax")
+    assert 1.5 < pg.lm_calls.sum() / four.lm_calls.sum() < 2.5
+
+
 def test_budget_counts_what_was_generated(b, problems):
     bon = llm.best_of_n(jax.random.key(2), b.step, llm.step_checker(), problems, N)
     # no resampling: each particle's final text is exactly what it generated

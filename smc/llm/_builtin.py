@@ -38,6 +38,7 @@ class Builtin(NamedTuple):
       step:    the policy's reasoning step, `lm_step(policy.model, MAX_STEP_LEN,
                stop_tokens=("\\n",), eos_tokens=("$",))` at temperature 1.
       task:    the task module (`sample_problems`, `prompt_text`, `check_solution`, ...).
+      tokenizer: (property) the character tokenizer, `policy.tokenizer`.
       cache_size, num_steps: the context length and the number of reasoning steps the
                checkpoints were trained for (80 and 6).
     """
@@ -48,6 +49,11 @@ class Builtin(NamedTuple):
     task: object
     cache_size: int = CACHE_SIZE
     num_steps: int = NUM_STEPS
+
+    @property
+    def tokenizer(self):
+        """The task's character tokenizer (`ppl.lm.Tokenizer`, shared by policy and PRM)."""
+        return self.policy.tokenizer
 
 
 def builtin(folder: str | None = None) -> Builtin:
