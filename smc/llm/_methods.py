@@ -38,14 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppl import ArgumentError, InferenceError, particle_key
+from ppl import ArgumentError, InferenceError
 from ppl.lm import LMStep
 
 from .._csmc import csmc
 from .._filter import particle_filter
 from . import _task as task
 from ._builtin import ProblemBatch
-from ._model import ReasoningCarry, init_carry, is_finished, neutral, reasoning_model
+from ._model import ReasoningCarry, init_carry, is_finished, reasoning_model
 from ._rewards import ProcessReward
 from .train import CACHE_SIZE, NUM_STEPS
 
