@@ -21,7 +21,10 @@
 - `backward_simulation(key, result, num_samples)`: forward filtering, backward
   simulation of smoothed trajectories from a `particle_filter` result.
 
-Not yet here (tracked in the SMC issue): the LLM methods.
+LLM inference-time scaling lives in `smc.llm`: a language model's reasoning process as
+a `ppl.scan` model with a process-reward likelihood, particle filtering over it with
+`particle_filter`, the baselines at equal budget, and a built-in task with its trained
+language model and reward model.
 """
 
 from ._csmc import CSMCResult, csmc
