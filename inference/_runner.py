@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import sys
 from typing import NamedTuple
 
 import jax
@@ -22,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 import ppl
-from ppl.extend import check_args, check_key, combine, format_address, partition
+from ppl.extend import check_args, check_count, check_key, combine, format_address, partition, progress_bar
 
 from ._checks import IMPROPER_START, check_constraint_values
 from ._hmc import HMCState, nuts
@@ -132,9 +130,9 @@ def run_mcmc(
         )
     key = check_key(key, model, where)
     args = check_args(args, model, where)
-    num_warmup = _count(num_warmup, "num_warmup", where, minimum=0)
-    num_samples = _count(num_samples, "num_samples", where, minimum=1)
-    num_chains = _count(num_chains, "num_chains", where, minimum=1)
+    num_warmup = check_count(num_warmup, "num_warmup", where, 0)
+    num_samples = check_count(num_samples, "num_samples", where, 1)
+    num_chains = check_count(num_chains, "num_chains", where, 1)
     if init_strategy not in ("prior", "uniform"):
         raise ppl.ArgumentError(f"{where}: init_strategy must be 'prior' or 'uniform', got {init_strategy!r}.")
     constraints = ppl.ChoiceMap.of(constraints)
@@ -334,17 +332,5 @@ def _value(trace, address):
         return "?"
 
 
-def _count(value, name: str, where: str, minimum: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ppl.ArgumentError(f"{where}: {name} must be an int >= {minimum}, got {value!r}.")
-    return int(value)
-
-
-def _progress(progress_bar, total: int, num_warmup: int, num_chains: int):
-    if progress_bar is None:
-        progress_bar = sys.stderr.isatty() and not os.environ.get("CI")
-    if not progress_bar:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="warmup" if num_warmup else "sample", unit="step", postfix=f"{num_chains} chains")
+def _progress(enabled, total: int, num_warmup: int, num_chains: int):
+    return progress_bar(enabled, total, "warmup" if num_warmup else "sample", postfix=f"{num_chains} chains")

@@ -2,11 +2,17 @@
 
 The public extension surface besides `ppl.handle` / `ppl.SiteHandler`: argument and key
 checks with the core's messages, the split of argument pytrees into traced and static
-parts used for `jax.jit`, and address formatting for messages.
+parts used for `jax.jit`, address formatting for messages, count checks and the
+progress bar every long-running loop shows.
 """
 
+import os
+import sys
+
+import numpy as np
+
 from ._distribution import is_concrete
-from ._errors import format_address, suggest
+from ._errors import ArgumentError, format_address, suggest
 from ._gfi import check_args, check_key, check_selection
 from ._static import Static, combine, partition
 from ._trace import Trace
@@ -22,6 +28,26 @@ def site_scores(trace: Trace) -> dict:
     """
     return dict(trace.gen_fn._site_scores(trace, ()))
 
+def check_count(value, name: str, where: str, minimum: int = 1) -> int:
+    """`value` as an int if it is an int (not a bool) >= `minimum`, else an
+    `ArgumentError` saying "{where}: {name} must be an int >= {minimum}"."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ArgumentError(f"{where}: {name} must be an int >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def progress_bar(enabled, total: int, desc: str, **tqdm_options):
+    """A tqdm bar over `total` steps, or None when off. `enabled=None` shows it when
+    stderr is a terminal and the `CI` environment variable is unset."""
+    if enabled is None:
+        enabled = sys.stderr.isatty() and not os.environ.get("CI")
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", **tqdm_options)
+
+
 __all__ = [
     "check_key",
     "check_args",
@@ -33,4 +59,6 @@ __all__ = [
     "format_address",
     "suggest",
     "site_scores",
+    "check_count",
+    "progress_bar",
 ]

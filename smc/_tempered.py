@@ -32,7 +32,7 @@ import inference
 from inference._checks import check_constraint_values
 from ppl import ArgumentError, ChoiceMap, GenerativeFunction, InferenceError, SiteHandler, Trace, handle
 from ppl import particle_key
-from ppl.extend import check_args, check_key, combine, is_concrete, partition
+from ppl.extend import check_args, check_count, check_key, combine, is_concrete, partition
 
 from ._filter import _vmap_shared
 from ._resampling import get_resampler
@@ -214,8 +214,8 @@ def tempered(
                             f"{type(model).__name__}.")
     key = check_key(key, model, _WHERE)
     args = check_args(args, model, _WHERE)
-    n = _check_int(num_particles, "num_particles", 2)
-    max_steps = _check_int(max_steps, "max_steps", 1)
+    n = check_count(num_particles, "num_particles", _WHERE, 2)
+    max_steps = check_count(max_steps, "max_steps", _WHERE, 1)
     target_ess = _check_target(target_ess)
     if kernel is None:
         kernel = inference.hmc(num_steps=10)
@@ -230,7 +230,7 @@ def tempered(
         raise ArgumentError(
             f"{_WHERE}: num_mcmc_steps is not used by the waste-free variant (each of the M chains runs "
             f"N / M - 1 kernel steps); pass one of waste_free={waste_free!r} or num_mcmc_steps.")
-    num_mcmc_steps = _check_int(num_mcmc_steps, "num_mcmc_steps", 1)
+    num_mcmc_steps = check_count(num_mcmc_steps, "num_mcmc_steps", _WHERE, 1)
     resampler = get_resampler(resampling, _WHERE)
     observations = ChoiceMap.of(observations)
     check_constraint_values(model, args, observations, _WHERE)
@@ -477,13 +477,6 @@ def _adapt_hmc(states, log_w, eps):
 
 
 # -- checks ----------------------------------------------------------------------------------
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if not is_int or value < minimum:
-        raise ArgumentError(f"{_WHERE}: {name} must be an int >= {minimum}, got {value!r}.")
-    return int(value)
 
 
 def _check_target(target_ess) -> float:
