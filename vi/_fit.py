@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import sys
 
 import equinox as eqx
 import jax
@@ -20,7 +19,8 @@ import numpy as np
 import optax
 
 import ppl
-from ppl.extend import check_key, combine, partition
+from ppl.extend import check_count, check_key, combine, partition
+from ppl.extend import progress_bar as ppl_progress_bar
 
 from ._grad import grad, is_float_leaf
 
@@ -74,12 +74,12 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
         raise ppl.ArgumentError(
             f"vi.fit: optimizer must be an optax GradientTransformation (e.g. optax.adam(1e-2)), got {type(optimizer).__name__}."
         )
-    num_steps = _count(num_steps, "num_steps", 1)
+    num_steps = check_count(num_steps, "num_steps", "vi.fit")
     if checkpoint_every is not None:
-        checkpoint_every = _count(checkpoint_every, "checkpoint_every", 1)
+        checkpoint_every = check_count(checkpoint_every, "checkpoint_every", "vi.fit")
         if checkpoint is None:
             raise ppl.ArgumentError("vi.fit: checkpoint_every needs checkpoint=<file path>.")
-    chunk = _count(chunk_size, "chunk_size", 1) if chunk_size is not None else max(1, math.ceil(num_steps / _CHUNKS))
+    chunk = check_count(chunk_size, "chunk_size", "vi.fit") if chunk_size is not None else max(1, math.ceil(num_steps / _CHUNKS))
     if checkpoint_every is not None:
         chunk = math.gcd(chunk, checkpoint_every)
     step_fn = _step_fn(objective, int(num_samples))
@@ -96,7 +96,7 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
         diff, opt_state, step, saved = eqx.tree_deserialise_leaves(checkpoint, like)
         done = int(step)
         history[:done] = np.asarray(saved)[:done]
-    bar = _progress(progress_bar, num_steps, done)
+    bar = ppl_progress_bar(progress_bar, num_steps, "vi.fit", initial=done)
     try:
         while done < num_steps:
             length = min(chunk, num_steps - done)
@@ -133,19 +133,3 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
 def _step_fn(objective, num_samples):
     """One `vi.grad` per (objective, num_samples), so repeated fits hit the jit cache."""
     return grad(objective, num_samples=num_samples)
-
-
-def _count(value, name, minimum):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ppl.ArgumentError(f"vi.fit: {name} must be an int >= {minimum}, got {value!r}.")
-    return int(value)
-
-
-def _progress(progress_bar, total, initial):
-    if progress_bar is None:
-        progress_bar = sys.stderr.isatty() and not os.environ.get("CI")
-    if not progress_bar:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="vi.fit", unit="step")

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ppl
-from ppl.extend import check_key, format_address, site_scores
+from ppl.extend import check_count, check_key, format_address, site_scores
 
 from ._estimators import MAX_ENUMERATION, SiteInfo, site_info
 
@@ -80,14 +80,12 @@ class _Tape:
     """What one evaluation of an objective reports: per construct call (numbered in
     call order) its sites' estimators, and the surrogate pieces."""
 
-    def __init__(self, forced=None, discover=False):
+    def __init__(self, forced=None):
         self.forced = forced or {}  # (construct index, path) -> full value
-        self.discover = discover
         self.count = 0
         self.infos: dict = {}  # construct index -> {path: SiteInfo}
-        self.shapes: dict = {}  # (index, path) -> ShapeDtypeStruct of the value
         self.in_scan: dict = {}  # (index, path) -> whether a ppl.scan is on the path
-        self.values: dict = {}  # (index, path) -> drawn value (mvd sites)
+        self.values: dict = {}  # (index, path) -> drawn value (enum and mvd sites)
         self.scores: dict = {}  # (index, path) -> site log density (enum, mvd sites)
         # per construct call: its reinforce sites' zero-valued terms log q - sg(log q),
         # per particle ([K] or []), grouped by baseline: "plain" (0 or a constant),
@@ -152,7 +150,6 @@ class _Tape:
                 value = choices[path]
                 self.scores[key] = score
                 self.values[key] = value
-                self.shapes[key] = jax.ShapeDtypeStruct(jnp.shape(value), jnp.result_type(value))
                 if info.estimator == "mvd":
                     self.in_scan[key] = _scan_on_path(trace, path)
         self.terms[index] = terms
@@ -221,7 +218,7 @@ def _run_construct(name, gen_fn, key, constraints, args, num_particles, detach=F
     given = ppl.ChoiceMap.of(constraints) if constraints is not None else ppl.ChoiceMap()
 
     def one(k, forced_k):
-        g = given.merge(ppl.ChoiceMap(_nest(forced_k))) if forced_k else given
+        g = given.merge(ppl.ChoiceMap(forced_k)) if forced_k else given
         if g.is_empty and name == "simulate":
             return handled.simulate(k, args), jnp.zeros(())
         return handled.generate(k, g, args)
@@ -230,7 +227,7 @@ def _run_construct(name, gen_fn, key, constraints, args, num_particles, detach=F
         if num_particles is None:
             trace, weight = one(key, forced)
         else:
-            n = _count(num_particles, name)
+            n = check_count(num_particles, "num_particles", f"vi.{name}")
             trace, weight = jax.vmap(lambda i, fk: one(ppl.particle_key(key, i), fk))(jnp.arange(n), forced)
     finally:
         if tape is not None:
@@ -240,23 +237,6 @@ def _run_construct(name, gen_fn, key, constraints, args, num_particles, detach=F
     if detach:
         trace, weight = jax.lax.stop_gradient((trace, weight))
     return trace, weight
-
-
-def _nest(flat: dict) -> dict:
-    """{path tuple: value} -> nested dict for ChoiceMap."""
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for a in path[:-1]:
-            node = node.setdefault(a, {})
-        node[path[-1]] = value
-    return out
-
-
-def _count(n, name):
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ppl.ArgumentError(f"vi.{name}: num_particles must be a positive int, got {n!r}.")
-    return int(n)
 
 
 def simulate(gen_fn, key, args: tuple = (), num_particles: int | None = None, *, detach: bool = False) -> ppl.Trace:
@@ -314,9 +294,9 @@ def learning_signal(trace, signal) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def _evaluate(objective, key, params, forced, discover=False):
+def _evaluate(objective, key, params, forced):
     """One run of the objective under a tape: (f, tape)."""
-    with _Tape(forced, discover) as tape:
+    with _Tape(forced) as tape:
         f = objective(key, params)
     f = jnp.asarray(f)
     if f.shape != () or not jnp.issubdtype(f.dtype, jnp.floating):
@@ -331,9 +311,10 @@ def _discover(objective, key, params):
     found, loo = {}, []
 
     def probe(k, p):
-        f, tape = _evaluate(objective, k, p, {}, discover=True)
+        f, tape = _evaluate(objective, k, p, {})
         loo.append(tape.has_loo)
-        for (index, path), shape in tape.shapes.items():
+        for (index, path), value in tape.values.items():
+            shape = jax.ShapeDtypeStruct(jnp.shape(value), jnp.result_type(value))
             info = tape.infos[index][path]
             if info.estimator == "mvd" and tape.in_scan[(index, path)]:
                 raise ppl.ArgumentError(

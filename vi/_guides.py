@@ -32,7 +32,9 @@ from ppl.extend import format_address
 __all__ = ["auto_normal", "auto_mvn"]
 
 
-class _Survey(ppl.SiteHandler):
+class _Supports(ppl.SiteHandler):
+    """Records each latent site's support (a static fact)."""
+
     def __init__(self):
         self.supports = {}
 
@@ -43,6 +45,26 @@ class _Survey(ppl.SiteHandler):
         return site
 
 
+def survey(gen_fn, args: tuple, constraints=None) -> dict:
+    """{path: (ShapeDtypeStruct, support)} of every random choice of `gen_fn` run
+    abstractly (no computation; `args` closed over, so static ints stay static).
+    Choices fixed by `constraints` are listed too."""
+    h = _Supports()
+    handled = ppl.handle(gen_fn, h)
+    box = []
+
+    def run(key):
+        if constraints is None or constraints.is_empty:
+            tr = handled.simulate(key, args)
+        else:
+            tr, _ = handled.generate(key, constraints, args)
+        box.append({a: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for a, v in tr.choices.flat_items()})
+        return 0.0
+
+    jax.eval_shape(run, jax.random.key(0))
+    return {path: (sd, h.supports.get(path)) for path, sd in box[0].items()}
+
+
 def _latents(model, model_args, observations, where):
     """[(path, shape, dtype, support)] of the model's latent choices, in a fixed order."""
     if not isinstance(model, ppl.GenerativeFunction):
@@ -50,22 +72,11 @@ def _latents(model, model_args, observations, where):
     if not isinstance(model_args, tuple):
         raise ppl.ArgumentError(f"{where}: model_args must be a tuple, got {type(model_args).__name__}.")
     obs = ppl.ChoiceMap.of(observations) if observations is not None else ppl.ChoiceMap()
-    h = _Survey()
-    handled = ppl.handle(model, h)
-    box = []
-
-    def run(key, args):
-        tr, _ = handled.generate(key, obs, args)
-        box.append({a: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for a, v in tr.choices.flat_items()})
-        return 0.0
-
-    jax.eval_shape(lambda key: run(key, model_args), jax.random.key(0))  # static args stay static
     observed = set(obs.addresses())
     out = []
-    for path, sd in box[0].items():
+    for path, (sd, support) in survey(model, model_args, obs).items():
         if path in observed:
             continue
-        support = h.supports[path]
         if support.is_discrete:
             raise ppl.ArgumentError(
                 f"{where}: the model's latent choice {format_address(path)} is discrete (support "

@@ -13,24 +13,18 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy.special import logsumexp
 from numpyro.distributions import constraints
 
 import ppl
-from ppl.extend import check_args, format_address
+from ppl.extend import check_count, format_address
 
 from ._grad import learning_signal, simulate
+from ._guides import survey
 
 sg = jax.lax.stop_gradient
 
 __all__ = ["elbo", "iwae", "renyi", "vimco", "rws", "sivi", "log_weights"]
-
-
-def _particles(n, where):
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ppl.ArgumentError(f"{where}: num_particles must be a positive int, got {n!r}.")
-    return int(n)
 
 
 def _check_inputs(model, guide, model_args, where):
@@ -77,37 +71,6 @@ def log_weights(model, guide, model_args, observations, key, params, num_particl
 # -- static checks: the guide covers the model's latent choices on their supports ---------
 
 
-class _Supports(ppl.SiteHandler):
-    """Records each latent site's support (a static fact)."""
-
-    def __init__(self):
-        self.supports = {}
-
-    def process(self, site):
-        if site.kind == "latent":
-            d = site.fn
-            self.supports[site.path] = getattr(d, "base", d).support
-        return site
-
-
-def _survey(gf, args, constraints_=None):
-    """(choice addresses, {path: support}) of `gf` run abstractly."""
-    h = _Supports()
-    handled = ppl.handle(gf, h)
-    box = []
-
-    def run(key, a):
-        if constraints_ is None:
-            tr = handled.simulate(key, a)
-        else:
-            tr, _ = handled.generate(key, constraints_, a)
-        box.append(tr.choices.addresses())
-        return 0.0
-
-    jax.eval_shape(lambda key: run(key, args), jax.random.key(0))  # args closed over: static ints stay static
-    return set(box[0]), h.supports
-
-
 _CHECKED: dict = {}
 
 
@@ -122,8 +85,8 @@ def _check_cover(model, guide, model_args, guide_args, obs, where):
         sig = None
     if sig is not None and sig in _CHECKED:
         return
-    model_choices, model_supports = _survey(model, model_args, obs if not obs.is_empty else None)
-    guide_choices, guide_supports = _survey(guide, guide_args)
+    model_sites, guide_sites = survey(model, model_args, obs), survey(guide, guide_args)
+    model_choices, guide_choices = set(model_sites), set(guide_sites)
     observed = set(obs.addresses())
     sampled_observed = sorted(guide_choices & observed)
     if sampled_observed:
@@ -138,9 +101,9 @@ def _check_cover(model, guide, model_args, guide_args, obs, where):
             f"{', '.join(format_address(a) for a in missing)}. Every latent choice needs a guide site "
             "at the same address (its value is scored under the model), or an observation."
         )
-    for path, support in guide_supports.items():
-        target = model_supports.get(path)
-        if target is not None and not _contained(support, target):
+    for path, (_, support) in guide_sites.items():
+        target = model_sites[path][1] if path in model_sites else None
+        if support is not None and target is not None and not _contained(support, target):
             raise ppl.ArgumentError(
                 f"{where}: the guide's site {format_address(path)} has support {support}, but the model's "
                 f"has support {target}: the guide would draw values the model gives zero density. Use a "
@@ -194,7 +157,7 @@ def elbo(model, guide, model_args: tuple, observations, num_particles: int = 1, 
     -1.5155
     """
     _check_inputs(model, guide, model_args, "vi.elbo")
-    k = _particles(num_particles, "vi.elbo")
+    k = check_count(num_particles, "num_particles", "vi.elbo")
 
     def objective(key, params):
         lw, _ = log_weights(model, guide, model_args, observations, key, params,
@@ -208,7 +171,7 @@ def iwae(model, guide, model_args: tuple, observations, num_particles: int, *, l
     """The importance-weighted bound `E[log (1/K) sum_k w_k]`, `w_k = p(x_k, y) / q(x_k)`
     (Burda et al. 2016). K = 1 is the ELBO; it increases with K toward log p(y)."""
     _check_inputs(model, guide, model_args, "vi.iwae")
-    k = _particles(num_particles, "vi.iwae")
+    k = check_count(num_particles, "num_particles", "vi.iwae")
 
     def objective(key, params):
         lw, _ = log_weights(model, guide, model_args, observations, key, params, k, "vi.iwae", learn_model)
@@ -223,7 +186,7 @@ def renyi(model, guide, model_args: tuple, observations, num_particles: int, alp
     Turner 2016): alpha = 0 is the IWAE bound, alpha -> 1 the ELBO; alpha < 0 gives an
     upper-bound-like objective, still estimated with the same K draws."""
     _check_inputs(model, guide, model_args, "vi.renyi")
-    k = _particles(num_particles, "vi.renyi")
+    k = check_count(num_particles, "num_particles", "vi.renyi")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         raise ppl.ArgumentError(f"vi.renyi: alpha must be a number, got {alpha!r}.")
     alpha = float(alpha)
@@ -246,7 +209,7 @@ def vimco(model, guide, model_args: tuple, observations, num_particles: int, *, 
     k's draw, so the estimate stays unbiased. Needs K >= 2.
     """
     _check_inputs(model, guide, model_args, "vi.vimco")
-    k = _particles(num_particles, "vi.vimco")
+    k = check_count(num_particles, "num_particles", "vi.vimco")
     if k < 2:
         raise ppl.ArgumentError("vi.vimco: num_particles must be at least 2 (the baseline uses the other particles).")
 
@@ -275,7 +238,7 @@ def rws(model, guide, model_args: tuple, observations, num_particles: int, *, le
     `(model_params, guide_params)` (`learn_model=True`), or the guide's alone.
     """
     _check_inputs(model, guide, model_args, "vi.rws")
-    k = _particles(num_particles, "vi.rws")
+    k = check_count(num_particles, "num_particles", "vi.rws")
     obs = ppl.ChoiceMap.of(observations) if observations is not None else ppl.ChoiceMap()
 
     def objective(key, params):
@@ -316,7 +279,7 @@ def sivi(model, mixing, conditional, model_args: tuple, observations, num_inner:
         if not isinstance(gf, ppl.GenerativeFunction):
             raise ppl.ArgumentError(f"vi.sivi: {name} must be a generative function, got {type(gf).__name__}.")
     _check_inputs(model, conditional, model_args, "vi.sivi")
-    m = _particles(num_inner, "vi.sivi")
+    m = check_count(num_inner, "num_particles", "vi.sivi")
     obs = ppl.ChoiceMap.of(observations) if observations is not None else ppl.ChoiceMap()
 
     def objective(key, params):
