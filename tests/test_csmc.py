@@ -3,7 +3,7 @@
 Model: the linear-Gaussian state-space model x_t = a x_{t-1} + N(0, Q^2) (x_{-1} = 0, the
 scan's initial carry), y_t = x_t + N(0, R^2), t = 0..T-1. Its filtering, smoothing and
 parameter posteriors are exact (Kalman filter, Rauch-Tung-Striebel smoother, and the
-Kalman likelihood on a grid of a), computed here in float64 numpy.
+Kalman likelihood on a grid of a), computed in float64 numpy (tests/models.py).
 
 Statistical checks state their tolerance from the Monte Carlo error: independent chains
 (or filter runs) give independent estimates, whose spread gives the standard error; a
@@ -24,46 +24,12 @@ import inference
 import ppl
 import smc
 
-A, Q, R = 0.9, 1.0, 0.5
+from models import A, Q, R, kalman, lgss_step  # noqa: F401  (A, Q, R: the model's constants)
+
 T = 20
-
-
-@ppl.gen
-def lg_step(x_prev, _):
-    x = ppl.sample("x", dist.Normal(A * x_prev, Q))
-    ppl.sample("y", dist.Normal(x, R))
-    return x, None
-
-
-MODEL = ppl.scan(lg_step, length=T)
+MODEL = ppl.scan(lgss_step, length=T)
 ARGS = (0.0, None)
 YS = MODEL.simulate(jax.random.key(42), ARGS)["y"]
-
-
-def kalman(ys, a=A):
-    """Kalman filter and RTS smoother (float64): log p(ys), filtering and smoothing
-    moments, and what backward sampling needs."""
-    m, p, ll = 0.0, 0.0, 0.0
-    means, variances, pred_means, pred_vars = [], [], [], []
-    for y in np.asarray(ys, dtype=np.float64):
-        m, p = a * m, a**2 * p + Q**2
-        pred_means.append(m)
-        pred_vars.append(p)
-        s = p + R**2
-        ll += -0.5 * (math.log(2 * math.pi * s) + (y - m) ** 2 / s)
-        gain = p / s
-        m, p = m + gain * (y - m), (1.0 - gain) * p
-        means.append(m)
-        variances.append(p)
-    sm, sp = [means[-1]], [variances[-1]]
-    for t in range(len(means) - 2, -1, -1):
-        j = variances[t] * a / pred_vars[t + 1]
-        sm.insert(0, means[t] + j * (sm[0] - pred_means[t + 1]))
-        sp.insert(0, variances[t] + j**2 * (sp[0] - pred_vars[t + 1]))
-    return dict(log_lik=ll, filter_means=np.array(means), filter_vars=np.array(variances),
-                pred_vars=np.array(pred_vars), means=np.array(sm), variances=np.array(sp))
-
-
 EXACT = kalman(YS)
 
 

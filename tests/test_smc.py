@@ -16,39 +16,16 @@ import ppl
 import smc
 from smc import _filter, _resampling
 
-# Linear-Gaussian state-space model: x_0 = 0 (the carry), x_t = A x_{t-1} + N(0, Q^2),
-# y_t = x_t + N(0, R^2), t = 1..T.
-A, Q, R = 0.9, 1.0, 0.5
+from models import A, Q, R, kalman, lgss_step  # noqa: F401  (A, Q, R: the model's constants)
+
 T = 30
-
-
-@ppl.gen
-def lgss_step(x_prev, _):
-    x = ppl.sample("x", dist.Normal(A * x_prev, Q))
-    ppl.sample("y", dist.Normal(x, R))
-    return x, None
-
-
 MODEL = ppl.scan(lgss_step, length=T)
 ARGS = (0.0, None)
 YS = MODEL.simulate(jax.random.key(42), ARGS)["y"]
 
 
-def kalman(ys):
-    """Exact log p(ys) and filtering means/variances E[x_t | y_1..t] (float64)."""
-    m, p, ll, means, variances = 0.0, 0.0, 0.0, [], []
-    for y in np.asarray(ys, dtype=np.float64):
-        m, p = A * m, A**2 * p + Q**2
-        s = p + R**2
-        ll += -0.5 * (math.log(2 * math.pi * s) + (y - m) ** 2 / s)
-        gain = p / s
-        m, p = m + gain * (y - m), (1.0 - gain) * p
-        means.append(m)
-        variances.append(p)
-    return ll, np.array(means), np.array(variances)
-
-
-EXACT, FILTER_MEANS, FILTER_VARS = kalman(YS)
+_K = kalman(YS)
+EXACT, FILTER_MEANS, FILTER_VARS = _K["log_lik"], _K["filter_means"], _K["filter_vars"]
 
 
 def run_seeds(num_seeds, num_particles, first_seed=0, **kwargs):

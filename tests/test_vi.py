@@ -551,10 +551,13 @@ def test_equinox_module_params():
     assert grads["net"].layers[0].weight.shape == (8, 3)
     fitted, history = vi.fit(jax.random.key(1), objective, params, optax.adam(1e-2), 300, progress_bar=False)
     assert isinstance(fitted["net"], eqx.nn.MLP) and fitted["depth"] == 3
-    # log Z = log N(1; 0, 3); the ELBO climbs from its start toward it
+    # log Z = log N(1; 0, 3); the ELBO climbs from its start toward it. The last 50
+    # steps' estimates are independent single draws, each of expectation <= log Z: their
+    # mean stays below log Z within 5 of its standard errors.
     log_z = float(dist.Normal(0.0, math.sqrt(3.0)).log_prob(1.0))
-    assert float(history[-50:].mean()) > float(history[:50].mean())
-    assert float(history[-50:].mean()) < log_z + 0.05
+    last = np.asarray(history[-50:])
+    assert float(last.mean()) > float(history[:50].mean())
+    assert float(last.mean()) < log_z + Z * float(last.std(ddof=1)) / math.sqrt(len(last))
 
 
 # -- model parameters, reweighted wake-sleep, semi-implicit VI --------------------------------
