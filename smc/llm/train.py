@@ -29,6 +29,7 @@ import optax
 
 import ppl
 from ppl.lm import Transformer, TransformerConfig, init_state, lm_step
+from ppl.lm._checkpoint import _LAYER_WEIGHTS, _wanted
 
 from . import _task as task
 
@@ -185,14 +186,6 @@ def prm_accuracy(model, tokens, where, labels) -> float:
 
 # -- writing a checkpoint ------------------------------------------------------------------------
 
-_HF = {
-    "attn_norm": ("input_layernorm.weight", False), "q": ("self_attn.q_proj.weight", True),
-    "k": ("self_attn.k_proj.weight", True), "v": ("self_attn.v_proj.weight", True),
-    "o": ("self_attn.o_proj.weight", True), "mlp_norm": ("post_attention_layernorm.weight", False),
-    "gate": ("mlp.gate_proj.weight", True), "up": ("mlp.up_proj.weight", True), "down": ("mlp.down_proj.weight", True),
-}
-
-
 def save(model: Transformer, folder: str, meta: dict) -> None:
     """`model` as a Llama checkpoint folder (config.json, model.safetensors, tokenizer.json)."""
     from safetensors.numpy import save_file
@@ -200,7 +193,8 @@ def save(model: Transformer, folder: str, meta: dict) -> None:
     os.makedirs(folder, exist_ok=True)
     c = model.config
     tensors = {"model.embed_tokens.weight": np.asarray(model.embed), "model.norm.weight": np.asarray(model.norm)}
-    for ours, (theirs, transpose) in _HF.items():
+    for ours in _wanted(c):  # the loader's own name map, inverted
+        theirs, transpose = _LAYER_WEIGHTS[ours]
         stacked = np.asarray(model.layers[ours])
         for i in range(c.num_layers):
             tensors[f"model.layers.{i}.{theirs}"] = np.ascontiguousarray(stacked[i].T if transpose else stacked[i])
