@@ -20,7 +20,9 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 import ppl
-from ppl.extend import check_args, check_count, check_key, combine, format_address, partition, progress_bar
+from ppl.extend import (
+    StatesProgram, StepProgram, check_args, check_count, check_key, combine, format_address, partition, progress_bar,
+)
 
 from ._checks import IMPROPER_START, check_constraint_values
 from ._hmc import HMCState, nuts
@@ -148,29 +150,38 @@ def run_mcmc(
             "Remove a constraint, or evaluate the density with model.assess instead."
         )
     k_init, k_run = jax.random.split(key)
-    states = _init(
-        k_init, dynamic, constraints, init, static=static, model=model, kernel=kernel, num_chains=num_chains,
-        num_warmup=num_warmup, observed=observed, latent=latent, init_strategy=init_strategy,
+    # The chains' states hold the arguments and observations once, not once per chain
+    # (`own` is the per-chain part): every gradient reads the one copy.
+    shared = (dynamic, constraints)
+    keys = jax.random.split(k_init, num_chains)
+    program = _start_program(
+        keys[0], dynamic, constraints, init, static=static, model=model, kernel=kernel, num_warmup=num_warmup,
+        observed=observed, latent=latent, init_strategy=init_strategy,
     )
-    _check_initial(states, model, where)
+    inits = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), init)
+    own = _init(keys, inits, shared, program=program)
+    _check_initial(program.layout.join(own, shared, broadcast=_host_broadcast(num_chains)), model, where)
+    collect = _Collect(latent, deterministic)
+    stepper = _step_program(program, kernel, collect, keys[0], own, shared)
+    own = stepper.adopt(own, num_chains)
 
     total = num_warmup + num_samples
     chunk = int(chunk_size) if chunk_size is not None else max(1, math.ceil(total / _CHUNKS))
-    collect = _Collect(latent, deterministic)
     bar = _progress(progress_bar, total, num_warmup, num_chains)
     kept_draws, kept_info = [], []
     done = 0
     try:
         for index in range(math.ceil(total / chunk)):
-            states, (draws, info) = _run_chunk(
-                k_run, jnp.asarray(index, jnp.uint32), states, kernel=kernel, collect=collect, chunk_size=chunk
+            own, (draws, info) = _run_chunk(
+                k_run, jnp.asarray(index, jnp.uint32), own, shared, stepper=stepper, chunk_size=chunk,
+                num_chains=num_chains,
             )
             start, stop = max(num_warmup - done, 0), min(total - done, chunk)  # this chunk's draws past warmup
             if start < stop:
                 kept_draws.append(jax.tree.map(lambda x: np.asarray(x)[:, start:stop], draws))
                 kept_info.append(jax.tree.map(lambda x: np.asarray(x)[:, start:stop], info))
             elif bar is not None:
-                jax.block_until_ready(states)
+                jax.block_until_ready(own)
             done += chunk
             if bar is not None:
                 bar.set_description("warmup" if done < num_warmup else "sample")
@@ -199,58 +210,99 @@ class _Collect(NamedTuple):
         return out
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", "collect", "chunk_size"))
-def _run_chunk(key, index, states, *, kernel, collect, chunk_size):
-    num_chains = jax.tree.leaves(states)[0].shape[0]
+@functools.partial(jax.jit, static_argnames=("stepper", "chunk_size", "num_chains"))
+def _run_chunk(key, index, own, shared, *, stepper, chunk_size, num_chains):
     keys = jax.random.split(jax.random.fold_in(key, index), (num_chains, chunk_size))
+    uniform = stepper.layout.uniform
 
-    def chain(chain_keys, state):
-        def body(state, k):
-            state, info = kernel.step(k, state)
-            return state, (collect(state.trace), info)
+    def chains(keys, own, shared):
+        def body(own, k):
+            return stepper(k, own, shared)
 
-        return jax.lax.scan(body, state, chain_keys)
+        own, out = jax.lax.scan(body, own, jnp.swapaxes(keys, 0, 1))
+        return own, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)  # [chains, steps, ...]
 
-    return _over_devices(jax.vmap(chain), num_chains)(keys, states)
+    return _over_devices(chains, num_chains, uniform)(keys, own, shared)
 
 
-def _over_devices(fn, num_chains: int):
-    """`fn` (a vmap over chains) split by chain over the devices, when there are several
-    and they divide the chains: each device runs its own chains' loops (`shard_map`), so
-    a NUTS chain's tree building waits only for the chains on its device, as with
-    NumPyro's `chain_method="parallel"`. On one device, `fn` itself."""
+def _over_devices(fn, num_chains: int, uniform: tuple):
+    """`fn(keys, own, shared)` (chains vmapped) split by chain over the devices, when there
+    are several and they divide the chains: each device runs its own chains' loops
+    (`shard_map`), so a NUTS chain's tree building waits only for the chains on its
+    device, as with NumPyro's `chain_method="parallel"`; `shared` and the leaves every
+    chain has in common (`uniform`) are replicated. On one device, `fn` itself."""
     devices = jax.devices()
     if len(devices) < 2 or num_chains % len(devices):
         return fn
     mesh = Mesh(np.asarray(devices), ("chains",))
+    chains, replicated = PartitionSpec("chains"), PartitionSpec()
+    own = [replicated if u else chains for u in uniform]
     # check_vma off: numpyro's kernels mix per-chain and constant values in lax.cond
-    return jax.shard_map(fn, mesh=mesh, in_specs=PartitionSpec("chains"), out_specs=PartitionSpec("chains"),
+    return jax.shard_map(fn, mesh=mesh, in_specs=(chains, own, replicated), out_specs=(own, chains),
                          check_vma=False)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("static", "model", "kernel", "num_chains", "num_warmup", "observed", "latent", "init_strategy"),
-)
-def _init(key, dynamic, constraints, init, *, static, model, kernel, num_chains, num_warmup, observed, latent,
-          init_strategy):
-    args = combine(dynamic, static)
+_PROGRAMS: dict = {}
 
-    def chain(k):
-        k_generate, k_uniform = jax.random.split(k)
-        start = ppl.handle(model, IMPROPER_START) if init_strategy == "uniform" else model
-        trace, _ = start.generate(k_generate, constraints.merge(init), args)
-        if init_strategy == "uniform":
-            given = set(observed) | set(init.addresses())
-            u = to_unconstrained(model, args, trace.choices, given)
-            drawn = {
-                a: jax.random.uniform(jax.random.fold_in(k_uniform, i), jnp.shape(u[a]), minval=-2.0, maxval=2.0)
-                for i, a in enumerate(latent) if a not in given
-            }
-            trace = to_constrained(model, args, u.merge(ppl.ChoiceMap(drawn)), given)
-        return kernel.init(trace, observed=observed, num_warmup=num_warmup)
 
-    return jax.vmap(chain)(jax.random.split(key, num_chains))
+def _start_program(key, dynamic, constraints, init, *, static, model, kernel, num_warmup, observed, latent,
+                   init_strategy) -> StatesProgram:
+    """One chain's start (a trace of the model, then `kernel.init`), traced once per
+    signature: the same shapes with new values reuse it, and `_init`'s compiled program."""
+    signature = (model, static, kernel, num_warmup, observed, latent, init_strategy, jax.config.jax_enable_x64,
+                 jax.tree.structure((dynamic, constraints, init)),
+                 tuple(jax.typeof(x) for x in jax.tree.leaves((key, dynamic, constraints, init))))
+    if signature not in _PROGRAMS:
+        def chain(batched, shared):
+            k, start_values = batched
+            dyn, cons = shared
+            args = combine(dyn, static)
+            k_generate, k_uniform = jax.random.split(k)
+            start = ppl.handle(model, IMPROPER_START) if init_strategy == "uniform" else model
+            trace, _ = start.generate(k_generate, cons.merge(start_values), args)
+            if init_strategy == "uniform":
+                given = set(observed) | set(start_values.addresses())
+                u = to_unconstrained(model, args, trace.choices, given)
+                drawn = {
+                    a: jax.random.uniform(jax.random.fold_in(k_uniform, i), jnp.shape(u[a]), minval=-2.0, maxval=2.0)
+                    for i, a in enumerate(latent) if a not in given
+                }
+                trace = to_constrained(model, args, u.merge(ppl.ChoiceMap(drawn)), given)
+            return kernel.init(trace, observed=observed, num_warmup=num_warmup)
+
+        _PROGRAMS[signature] = StatesProgram(chain, (key, init), (dynamic, constraints))
+    return _PROGRAMS[signature]
+
+
+_STEPPERS: dict = {}
+
+
+def _step_program(program: StatesProgram, kernel: Kernel, collect, key, own, shared) -> StepProgram:
+    """A chain's step (`kernel.step`, then what it records), traced once per start program."""
+    if (program, kernel, collect) not in _STEPPERS:
+        def step(k, state):
+            state, info = kernel.step(k, state)
+            return state, (collect(state.trace), info)
+
+        _STEPPERS[program, kernel, collect] = StepProgram(step, program.layout, key, own, shared)
+    return _STEPPERS[program, kernel, collect]
+
+
+@functools.partial(jax.jit, static_argnames=("program",))
+def _init(keys, inits, shared, *, program):
+    return program((keys, inits), shared)
+
+
+def _host_broadcast(num_chains: int):
+    """A leaf held once with a leading chain axis, for inspection: a zero-copy host view
+    (a key array, which has no host form, is broadcast on its device)."""
+
+    def broadcast(leaf):
+        if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
+            return jnp.broadcast_to(leaf, (num_chains,) + jnp.shape(leaf))
+        return np.broadcast_to(np.asarray(leaf), (num_chains,) + np.shape(leaf))
+
+    return broadcast
 
 
 _SITES: dict = {}

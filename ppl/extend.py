@@ -2,8 +2,9 @@
 
 The public extension surface besides `ppl.handle` / `ppl.SiteHandler`: argument and key
 checks with the core's messages, the split of argument pytrees into traced and static
-parts used for `jax.jit`, address formatting for messages, count checks and the
-progress bar every long-running loop shows.
+parts used for `jax.jit`, address formatting for messages, count checks, the
+progress bar every long-running loop shows, and batching of particles or chains that
+keeps shared leaves (arguments, observations) once instead of once per member.
 """
 
 import os
@@ -11,6 +12,7 @@ import sys
 
 import numpy as np
 
+from ._batching import StateLayout, StatesProgram, StepProgram, vmap_shared, vmap_states
 from ._distribution import is_concrete
 from ._errors import ArgumentError, format_address, suggest
 from ._gfi import check_args, check_key, check_selection
@@ -61,4 +63,9 @@ __all__ = [
     "site_scores",
     "check_count",
     "progress_bar",
+    "vmap_shared",
+    "vmap_states",
+    "StateLayout",
+    "StatesProgram",
+    "StepProgram",
 ]

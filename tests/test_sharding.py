@@ -54,8 +54,8 @@ NUTS_SCRIPT = textwrap.dedent(
     calls = []
     import inference._runner as runner
     original = runner._over_devices
-    def spy(fn, num_chains):
-        out = original(fn, num_chains)
+    def spy(fn, num_chains, uniform):
+        out = original(fn, num_chains, uniform)
         calls.append(out is not fn)
         return out
     runner._over_devices = spy
