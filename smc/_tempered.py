@@ -32,7 +32,7 @@ import inference
 from inference._checks import check_constraint_values
 from ppl import ArgumentError, ChoiceMap, GenerativeFunction, InferenceError, SiteHandler, Trace, handle
 from ppl import particle_key
-from ppl.extend import check_args, check_count, check_key, combine, is_concrete, partition
+from ppl.extend import StepProgram, check_args, check_count, check_key, combine, is_concrete, partition, vmap_states
 
 from ._filter import _vmap_shared
 from ._resampling import get_resampler
@@ -321,14 +321,25 @@ def _tempered(key, dynamic, observations, *, static, model, n, kernel, num_mcmc_
     latents, lik = jax.vmap(init_particle)(jnp.arange(n, dtype=jnp.uint32))
     lik = jnp.where(jnp.isnan(lik), -jnp.inf, lik)
 
+    shared = (dynamic, observations)
+
     def states_at(beta, latents):
+        """The kernel's states at temperature beta, held as `(stepper, own)`: the model's
+        arguments and observations once (`shared`), not once per particle."""
         tempered_model = handle(model, _Temper(beta, observed_set))
 
-        def one(x):
-            trace, _ = tempered_model.generate(k_init, x.merge(observations), args)  # every choice given
+        def one(x, shared):
+            dyn, obs = shared
+            trace, _ = tempered_model.generate(k_init, x.merge(obs), combine(dyn, static))  # every choice given
             return kernel.init(trace, observed=observed, num_warmup=0)
 
-        return jax.vmap(one)(latents)
+        def step(k, state):
+            state, info = kernel.step(k, state)
+            return state, (info, latents_of(state.trace))
+
+        layout, own = vmap_states(one, latents, shared)
+        stepper = StepProgram(step, layout, k_init, own, shared)
+        return stepper, stepper.adopt(own, n)
 
     def body(carry):
         k, beta, latents, lik, log_z, log_eps, records, dead = carry
@@ -340,22 +351,24 @@ def _tempered(key, dynamic, observations, *, static, model, n, kernel, num_mcmc_
         is_dead = ~jnp.isfinite(log_z_k)
         log_w = jnp.where(is_dead, 0.0, log_w)  # a dead run goes on uniformly and stops below
         ess = jnp.exp(2.0 * logsumexp(log_w) - logsumexp(2.0 * log_w))
-        states = states_at(new_beta, latents)
+        stepper, own = states_at(new_beta, latents)
+        layout = stepper.layout
         if adapt_kernel:
-            states, eps = _adapt(states, log_w, log_eps)
+            states, eps = _adapt(layout.join(own, shared), log_w, log_eps)
+            own = layout.split(states)
         else:
             eps = jnp.zeros(())
         if num_chains is None:
             ancestors = resampler(k_resample, log_w, n)
-            states = jax.tree.map(lambda s: s[ancestors], states)
-            states, acceptance = _run_chains(kernel, k_move, states, num_mcmc_steps)
-            latents = latents_of(states.trace)
+            own = layout.take(own, ancestors)
+            own, acceptance, _ = _run_chains(stepper, k_move, own, shared, num_mcmc_steps)
+            latents = latents_of(layout.join(own, shared).trace)
         else:
             ancestors = resampler(k_resample, log_w, num_chains)
-            starts = jax.tree.map(lambda s: s[ancestors], states)
-            states, acceptance, chain = _run_chains(kernel, k_move, starts, n // num_chains - 1, latents_of)
+            starts = layout.take(own, ancestors)
+            own, acceptance, chain = _run_chains(stepper, k_move, starts, shared, n // num_chains - 1)
             latents = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]).reshape((n,) + a.shape[1:]),
-                                   latents_of(starts.trace), chain)
+                                   latents_of(layout.join(starts, shared).trace), chain)
         lik = log_likelihood(latents)
         log_eps = jnp.minimum(log_eps + _LOG_STEP_GAIN * (acceptance - _TARGET_ACCEPT), math.log(_MAX_STEP_SIZE))
         temperatures, ess_k, acc_k, eps_k = records
@@ -405,20 +418,17 @@ def _next_temperature(beta, lik, target):
     return jnp.where(ess(room) >= target, 1.0, jnp.minimum(beta + delta, 1.0))
 
 
-def _run_chains(kernel, key, states, num_steps, record=None):
-    """`num_steps` vmapped kernel steps; (states, mean acceptance[, recorded states])."""
+def _run_chains(stepper, key, own, shared, num_steps):
+    """`num_steps` kernel steps of a batch held as `stepper.layout` leaves: (own, mean
+    acceptance, latents after each step `[num_steps, batch, ...]`)."""
+    batch = next(leaf.shape[0] for leaf, u in zip(own, stepper.layout.uniform) if not u)
 
-    def one(states, k):
-        keys = jax.random.split(k, jax.tree.leaves(states)[0].shape[0])
-        states, info = jax.vmap(kernel.step)(keys, states)
-        out = _acceptance(info)
-        return states, (out, record(states.trace)) if record is not None else out
+    def one(own, k):
+        own, (info, latents) = stepper(jax.random.split(k, batch), own, shared)
+        return own, (_acceptance(info), latents)
 
-    states, outs = jax.lax.scan(one, states, jax.random.split(key, num_steps))
-    if record is None:
-        return states, jnp.mean(outs)
-    acceptance, recorded = outs
-    return states, jnp.mean(acceptance), recorded
+    own, (acceptance, recorded) = jax.lax.scan(one, own, jax.random.split(key, num_steps))
+    return own, jnp.mean(acceptance), recorded
 
 
 def _acceptance(info):
