@@ -1,0 +1,142 @@
+"""Batches that keep shared leaves once (`ppl.extend.vmap_states`, `StepProgram`,
+`vmap_shared`): the same values as a plain `jax.vmap`, with the arguments and
+observations held once and the iteration counter carried unbatched."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+
+import inference
+import ppl
+from ppl.extend import StepProgram, vmap_shared, vmap_states
+
+X = jax.random.normal(jax.random.key(1), (50, 3))
+Y = (X @ jnp.array([1.0, -0.5, 0.25]) > 0).astype(jnp.float32)
+
+
+@ppl.gen
+def logreg(x):
+    beta = ppl.sample("beta", dist.Normal(jnp.zeros(x.shape[1]), 1.0))
+    scale = ppl.sample("scale", dist.HalfNormal(1.0))
+    return ppl.sample("y", dist.Bernoulli(logits=scale * (x @ beta)))
+
+
+def _start(batched, shared):
+    (k,) = batched
+    x, obs = shared
+    trace, _ = logreg.generate(k, obs, (x,))
+    return inference.nuts().init(trace, observed=obs, num_warmup=20)
+
+
+def _plain_start(k):
+    return _start((k,), (X, ppl.ChoiceMap({"y": Y})))
+
+
+def _step(k, state):
+    state, info = inference.nuts().step(k, state)
+    return state, info.accept_prob
+
+
+def test_states_hold_arguments_and_observations_once():
+    n = 6
+    keys = jax.random.split(jax.random.key(0), n)
+    shared = (X, ppl.ChoiceMap({"y": Y}))
+    layout, own = vmap_states(_start, (keys,), shared)
+    # no own leaf is a per-chain copy of the design matrix or of the observations
+    assert not any(jnp.shape(leaf)[1:] in (X.shape, Y.shape) for leaf in own)
+    assert all(s is not None for s in layout.sources if s is not None)
+    plain = jax.vmap(_plain_start)(keys)
+    joined = layout.join(own, shared, broadcast=lambda leaf: jnp.broadcast_to(leaf, (n,) + jnp.shape(leaf)))
+    for a, b in zip(jax.tree.leaves(joined), jax.tree.leaves(plain)):
+        np.testing.assert_array_equal(jax.random.key_data(a) if _is_key(a) else a,
+                                      jax.random.key_data(b) if _is_key(b) else b)
+
+
+def _is_key(x):
+    return jax.dtypes.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)
+
+
+def test_step_program_equals_plain_vmap_through_warmup_and_after():
+    """30 NUTS steps, 20 of them adapting: the counter is carried unbatched (a branch,
+    not a select), the step size and mass matrix per chain; every state leaf and every
+    acceptance probability equals the plain `jax.vmap(step)` run's. In float64: the
+    shared design matrix is multiplied in another order than the batched copies, and in
+    float32 that rounding difference can flip a tree-doubling decision in 30 steps."""
+    with jax.enable_x64(True):
+        _compare_with_plain_vmap()
+
+
+def _compare_with_plain_vmap():
+    n = 4
+    keys = jax.random.split(jax.random.key(0), n)
+    x, y = X.astype(jnp.float64), Y.astype(jnp.float64)
+    shared = (x, ppl.ChoiceMap({"y": y}))
+    layout, own = vmap_states(_start, (keys,), shared)
+    stepper = StepProgram(_step, layout, keys[0], own, shared)
+    own = stepper.adopt(own, n)
+    names = _own_paths(stepper.layout)
+    uniform = {p for p, u in zip(names, stepper.layout.uniform) if u and p.startswith(".hmc")}
+    assert uniform == {".hmc.i"}, uniform  # the counter; the step size adapts per chain
+    assert ".hmc.adapt_state.step_size" in {p for p, u in zip(names, layout.uniform) if u}  # demoted
+
+    plain = jax.vmap(lambda k: _start((k,), shared))(keys)
+    step_keys = jax.random.split(jax.random.key(2), (30, n))
+
+    def ours(own, k):
+        return stepper(k, own, shared)
+
+    def theirs(states, k):
+        return jax.vmap(_step)(k, states)
+
+    own, acc = jax.jit(lambda o: jax.lax.scan(ours, o, step_keys))(own)
+    states, acc_plain = jax.jit(lambda s: jax.lax.scan(theirs, s, step_keys))(plain)
+    # float64 rounding (1e-16) of energies of size 1e2-1e3, through exp(-energy error): 1e-6
+    np.testing.assert_allclose(acc, acc_plain, rtol=1e-6)
+    assert float(acc.min()) < 1.0  # the chains moved and adapted
+    joined = stepper.layout.join(own, shared, broadcast=lambda leaf: jnp.broadcast_to(leaf, (n,) + jnp.shape(leaf)))
+    for a, b in zip(jax.tree.leaves(joined), jax.tree.leaves(states)):
+        if _is_key(a):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def _own_paths(layout) -> list:
+    probe = jax.tree.unflatten(layout.treedef, list(range(len(layout.sources))))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(probe)[0]]
+    return [p for p, s in zip(paths, layout.sources) if s is None]
+
+
+def test_a_leaf_the_step_makes_per_member_is_not_kept_uniform():
+    """A counter stays uniform; a value that starts equal but moves with the key does
+    not (keeping it uniform would give every member the first member's value)."""
+
+    def start(batched, shared):
+        (k,) = batched
+        return {"count": jnp.zeros((), jnp.int32), "walk": jnp.zeros(()), "offset": shared}
+
+    def step(k, state):
+        return {"count": state["count"] + 1, "walk": state["walk"] + jax.random.normal(k),
+                "offset": state["offset"]}, state["walk"]
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    layout, own = vmap_states(start, (keys,), jnp.ones(3))
+    assert layout.uniform == (True, True) and layout.sources.count(None) == 2  # offset is shared
+    stepper = StepProgram(step, layout, keys[0], own, jnp.ones(3))
+    assert stepper.layout.uniform == (True, False)
+    own = stepper.adopt(own, 5)
+    own, _ = stepper(keys, own, jnp.ones(3))
+    count, walk = own
+    assert count.shape == () and int(count) == 1
+    np.testing.assert_allclose(walk, jax.vmap(jax.random.normal)(keys))
+
+
+def test_vmap_shared_leaves_unbatched_what_depends_on_no_member():
+    data = jnp.arange(4.0)
+
+    def fn(i):
+        return {"data": data * 2, "own": data * i}
+
+    out, is_batched = vmap_shared(fn, jnp.arange(3.0))
+    assert out["data"].shape == (4,) and out["own"].shape == (3, 4)
+    assert sorted(is_batched) == [False, True]
