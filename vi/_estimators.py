@@ -1,7 +1,7 @@
 """Per-site gradient estimators: wrappers of a guide site's distribution.
 
-`reparam(d)`, `reinforce(d, baseline=None)`, `enum(d)` and `mvd(d)` return `d` wrapped
-in an `Estimated` distribution that records which estimator the site asks for. Outside
+`reparam(d)`, `reinforce(d, baseline=None)`, `enum(d)`, `mvd(d)` and `rsvi(d)` return
+`d` wrapped in an `Estimated` distribution that records which estimator the site asks for. Outside
 `vi.grad` the wrapper behaves exactly as `d` (same draws, same densities), so a guide
 written for VI also runs under `simulate`, importance sampling or MCMC. Inside the vi
 constructs (`vi.simulate`, `vi.generate`) a site handler unwraps it, tells the active
@@ -10,12 +10,17 @@ gradient estimate what the site needs, and hands the core the plain distribution
 - reparam:    the draw stays a differentiable function of the parameters (numpyro's
               `rsample` path; Gamma, Beta and Dirichlet by implicit reparameterization).
 - reinforce:  the draw is cut from the gradient, and the site's log density joins the
-              score-function term `(f - b) * grad log q(x)`.
+              score-function term `(f - b) * grad log q(x)`; the baseline `b` is 0, a
+              constant, the leave-one-out mean of independent copies, or a moving
+              average of the objective over past optimization steps.
 - enum:       the site's value is summed over its finite support, jointly with the other
               enumerated sites (re-running the objective once per joint value).
 - mvd:        the measure-valued derivative, one coordinate at a time (re-running the
               objective with that coordinate moved), for Bernoulli, categorical, Poisson
               and geometric sites.
+- rsvi:       reparameterized rejection sampling (Gamma, Beta, Dirichlet): the pathwise
+              term through the accepted Marsaglia-Tsang proposal at fixed noise, plus the
+              score-function correction for the acceptance step (`_rsvi.py`).
 
 An unwrapped site is reparam when its distribution has `rsample`, else reinforce.
 """
@@ -31,9 +36,12 @@ from numpyro.distributions import constraints
 import ppl
 from ppl.extend import format_address, is_concrete
 
-__all__ = ["reparam", "reinforce", "enum", "mvd", "Estimated", "SiteInfo", "ESTIMATORS", "site_info"]
+from ._rsvi import RSVISample, gamma_parts
 
-ESTIMATORS = ("reparam", "reinforce", "enum", "mvd")
+__all__ = ["reparam", "reinforce", "enum", "mvd", "rsvi", "Estimated", "SiteInfo", "ESTIMATORS", "site_info"]
+
+ESTIMATORS = ("reparam", "reinforce", "enum", "mvd", "rsvi")
+BASELINES = ("leave_one_out", "moving_average")
 # Largest number of joint values `enum` sums over in one gradient estimate.
 MAX_ENUMERATION = 4096
 
@@ -42,10 +50,10 @@ class Estimated(dist.Distribution):
     """A distribution `base` that carries a gradient estimator name (and options).
 
     Sampling, densities, support and shapes are `base`'s; the vi constructs read
-    `estimator` and `baseline`.
+    `estimator` and its options: `baseline` and `decay` (reinforce), `boost` (rsvi).
     """
 
-    def __init__(self, base: dist.Distribution, estimator: str, baseline=None):
+    def __init__(self, base: dist.Distribution, estimator: str, baseline=None, *, decay=None, boost=None):
         if not isinstance(base, dist.Distribution):
             raise ppl.ArgumentError(
                 f"vi.{estimator} wraps a numpyro distribution, got {type(base).__name__}."
@@ -58,6 +66,8 @@ class Estimated(dist.Distribution):
         self.base = base
         self.estimator = estimator
         self.baseline = baseline
+        self.decay = decay
+        self.boost = boost
         super().__init__(base.batch_shape, base.event_shape, validate_args=False)
 
     @property
@@ -102,20 +112,33 @@ def reparam(d: dist.Distribution) -> Estimated:
     return Estimated(d, "reparam")
 
 
-def reinforce(d: dist.Distribution, baseline=None) -> Estimated:
+def reinforce(d: dist.Distribution, baseline=None, *, decay: float = 0.9) -> Estimated:
     """Score-function gradient `(f - b) * grad log q(x)`, for any distribution.
 
-    `baseline` (b): None (0), a Python number (a constant), or `"leave_one_out"`: the
-    mean objective of the other independent copies that `vi.grad(objective,
-    num_samples=K)` runs (needs K >= 2). Any of these leaves the estimate unbiased, since
-    b does not depend on this site's draw.
+    `baseline` (b), each leaving the estimate unbiased since b does not depend on this
+    site's draw:
+
+    - None: 0.
+    - a Python number: a constant.
+    - `"leave_one_out"`: the mean objective of the other independent copies that
+      `vi.grad(objective, num_samples=K)` runs (needs K >= 2).
+    - `"moving_average"`: an exponential moving average of the objective's value over
+      the past optimization steps, `m_t = decay * m_{t-1} + (1 - decay) * f_{t-1}`,
+      debiased as `m_t / (1 - decay^t)` (0 before the first step). The average is state
+      carried from step to step by `vi.fit` (or `vi.stateful_grad`); a plain `vi.grad`
+      call has no past steps and uses 0.
     """
-    if baseline is not None and baseline != "leave_one_out":
+    if baseline is not None and baseline not in BASELINES:
         if isinstance(baseline, str) or not is_concrete(baseline) or jax.numpy.ndim(baseline) != 0:
             raise ppl.ArgumentError(
-                f"vi.reinforce: baseline must be None, a number, or 'leave_one_out'; got {baseline!r}."
+                "vi.reinforce: baseline must be None, a number, 'leave_one_out' or 'moving_average'; "
+                f"got {baseline!r}."
             )
         baseline = float(baseline)
+    if baseline == "moving_average":
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
+            raise ppl.ArgumentError(f"vi.reinforce: decay must be a number in (0, 1), got {decay!r}.")
+        return Estimated(d, "reinforce", baseline, decay=float(decay))
     return Estimated(d, "reinforce", baseline)
 
 
@@ -142,6 +165,40 @@ def mvd(d: dist.Distribution) -> Estimated:
     return Estimated(d, "mvd")
 
 
+def rsvi(d: dist.Distribution, boost: int = 1) -> Estimated:
+    """Reparameterized rejection sampling (Naesseth et al. 2017) for Gamma, Beta and
+    Dirichlet sites (Beta and Dirichlet through their unit-rate Gammas).
+
+    The draw is Marsaglia and Tsang's accepted proposal `h(eps, a)` at the shape boosted
+    to `a = alpha + boost`, times `prod_i u_i^(1/(alpha + i))` (i < boost), divided by
+    the rate: a differentiable function of the parameters at fixed noise (the pathwise
+    term). The acceptance step adds the score-function correction
+    `f * grad log pi(eps; a)`, where `pi(eps; a) = q(h(eps, a); a) |dh/deps|` is the
+    density of the accepted noise (derivation in `vi/_rsvi.py`). Unbiased; larger
+    `boost` (an int >= 1) makes acceptance likelier and the correction smaller. Works
+    inside `ppl.vmap` and `ppl.scan`; each estimate runs the guide a second time to
+    score the accepted noise. `vi.reparam` on the same families is numpyro's implicit
+    reparameterization, also unbiased.
+
+    The site's value has `d`'s shape (`batch_shape + event_shape`); `d` may be expanded
+    or made independent (`.expand(...)`, `.to_event(...)`).
+
+    >>> import jax, numpyro.distributions as dist, ppl, vi
+    >>> @ppl.gen
+    ... def guide(shape):
+    ...     return ppl.sample("z", vi.rsvi(dist.Gamma(shape, 2.0)))
+    >>> objective = lambda key, shape: vi.simulate(guide, key, (shape,))["z"]  # E z = shape / 2
+    >>> value, g = vi.grad(objective, num_samples=2000)(jax.random.key(0), 0.5)
+    >>> bool(abs(g - 0.5) < 0.06)     # d/dshape = 1/2, within 5 standard errors (0.011)
+    True
+    """
+    if isinstance(boost, bool) or not isinstance(boost, int) or boost < 1:
+        raise ppl.ArgumentError(
+            f"vi.rsvi: boost must be an int >= 1 (Marsaglia-Tsang needs a shape >= 1), got {boost!r}."
+        )
+    return Estimated(d, "rsvi", boost=boost)
+
+
 class SiteInfo(NamedTuple):
     """What a gradient estimate needs to know about one guide site (static)."""
 
@@ -150,6 +207,8 @@ class SiteInfo(NamedTuple):
     family: str = ""  # mvd: bernoulli | categorical | poisson | geometric
     low: int = 0  # enum / finite mvd: values low .. low + size - 1
     size: int = 0
+    decay: float = 0.0  # reinforce with baseline="moving_average"
+    boost: int = 0  # rsvi
 
 
 def _finite_support(d: dist.Distribution, path, estimator: str):
@@ -198,13 +257,14 @@ def site_info(site: ppl.Site) -> tuple[dist.Distribution, SiteInfo]:
     """The plain distribution to hand the core, and the site's estimator (static).
 
     Raises the errors a user can fix: reparam on a distribution without `rsample`, enum
-    on an infinite support, mvd on an unsupported family.
+    on an infinite support, mvd or rsvi on an unsupported family.
     """
     d = site.fn
     if isinstance(d, Estimated):
-        estimator, baseline, d = d.estimator, d.baseline, d.base
+        wrapped, d = d, d.base
+        estimator, baseline = wrapped.estimator, wrapped.baseline
     else:
-        estimator, baseline = ("reparam" if d.has_rsample else "reinforce"), None
+        wrapped, estimator, baseline = None, ("reparam" if d.has_rsample else "reinforce"), None
     if estimator == "reparam":
         if not d.has_rsample:
             kind = "discrete" if d.support.is_discrete else "not reparameterizable"
@@ -212,11 +272,15 @@ def site_info(site: ppl.Site) -> tuple[dist.Distribution, SiteInfo]:
                 f"vi.reparam at {format_address(site.path)}: {type(d).__name__} is {kind} (no rsample), "
                 "so its draw has no pathwise gradient. Wrap it in vi.reinforce (any distribution), "
                 "vi.enum (finite support), vi.mvd (Bernoulli, Categorical, Poisson, Geometric) "
-                "or, for Gamma-based families, vi.reparam works as is."
+                "or vi.rsvi (Gamma, Beta, Dirichlet)."
             )
         return d, SiteInfo("reparam")
     if estimator == "reinforce":
-        return (d if d.support.is_discrete else _StopGradient(d)), SiteInfo("reinforce", baseline)
+        decay = wrapped.decay if wrapped is not None and wrapped.decay is not None else 0.0
+        drawn = d if d.support.is_discrete else _StopGradient(d)
+        return drawn, SiteInfo("reinforce", baseline, decay=decay)
+    if estimator == "rsvi":
+        return RSVISample(d, gamma_parts(d, site.path), wrapped.boost), SiteInfo("rsvi", boost=wrapped.boost)
     if d.event_shape != ():
         raise ppl.ArgumentError(
             f"vi.{estimator} at {format_address(site.path)}: the site has event shape {d.event_shape}; "

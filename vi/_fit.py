@@ -4,6 +4,8 @@ Steps run as a `jax.lax.scan` in chunks, one jitted function per chunk length, s
 second fit with the same shapes compiles nothing. Step `t` draws with
 `jax.random.fold_in(key, t)`, so the result does not depend on how the steps are
 chunked: a fit resumed from a checkpoint reproduces the uninterrupted run bit for bit.
+The moving averages of reinforce baselines (`vi.stateful_grad`) ride in the scan's
+carry next to the optimizer state, and are saved with it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import ppl
 from ppl.extend import check_count, check_key, combine, partition
 from ppl.extend import progress_bar as ppl_progress_bar
 
-from ._grad import grad, is_float_leaf
+from ._grad import is_float_leaf
+from ._stateful import stateful_grad
 
 __all__ = ["fit"]
 
@@ -30,18 +33,19 @@ _CHUNKS = 20
 
 
 @functools.partial(jax.jit, static_argnames=("step_fn", "optimizer", "length", "rest_static"))
-def _chunk(key, start, diff, opt_state, rest_dynamic, *, step_fn, optimizer, length, rest_static):
+def _chunk(key, start, diff, opt_state, baselines, rest_dynamic, *, step_fn, optimizer, length, rest_static):
     static = combine(rest_dynamic, rest_static)
 
     def body(carry, t):
-        diff, opt_state = carry
-        value, grads = step_fn(jax.random.fold_in(key, t), eqx.combine(diff, static))
+        diff, opt_state, baselines = carry
+        value, grads, baselines = step_fn(jax.random.fold_in(key, t), eqx.combine(diff, static), baselines)
         # maximize: optax minimizes, so descend on the negated objective
         updates, opt_state = optimizer.update(jax.tree_util.tree_map(jnp.negative, grads), opt_state, diff)
-        return (optax.apply_updates(diff, updates), opt_state), value
+        return (optax.apply_updates(diff, updates), opt_state, baselines), value
 
-    (diff, opt_state), values = jax.lax.scan(body, (diff, opt_state), start + jnp.arange(length, dtype=jnp.uint32))
-    return diff, opt_state, values
+    steps = start + jnp.arange(length, dtype=jnp.uint32)
+    (diff, opt_state, baselines), values = jax.lax.scan(body, (diff, opt_state, baselines), steps)
+    return diff, opt_state, baselines, values
 
 
 def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int = 1, progress_bar=None,
@@ -50,7 +54,9 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
     """Maximize `objective` (a function `(key, params) -> scalar`) from `params`.
 
     Each step takes `vi.grad(objective, num_samples)` at key `fold_in(key, step)` and
-    applies `optimizer` (an optax `GradientTransformation`) to ascend it.
+    applies `optimizer` (an optax `GradientTransformation`) to ascend it. Reinforce
+    sites with `baseline="moving_average"` get the average of the values of the steps
+    before (`vi.stateful_grad`).
 
     Returns `(params, history)`: the final params (same pytree structure) and the
     objective's estimates per step, `[num_steps]`.
@@ -62,10 +68,10 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
     Options:
       progress_bar: None shows a tqdm bar when stderr is a terminal and `CI` is unset.
       chunk_size: steps per jitted scan between host updates (default num_steps / 20).
-      checkpoint, checkpoint_every: save (params, optimizer state, step, history) to the
-        file `checkpoint` every `checkpoint_every` steps (equinox serialisation). If the
-        file exists when `fit` starts, the run resumes from it, and the result equals
-        the uninterrupted run's bit for bit.
+      checkpoint, checkpoint_every: save (params, optimizer state, moving-average
+        baselines, step, history) to the file `checkpoint` every `checkpoint_every`
+        steps (equinox serialisation). If the file exists when `fit` starts, the run
+        resumes from it, and the result equals the uninterrupted run's bit for bit.
     """
     check_key(key, None, "vi.fit")
     if not callable(objective):
@@ -89,11 +95,12 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
     diff, static = eqx.partition(params, is_float_leaf)
     rest_dynamic, rest_static = partition(static)  # int arrays traced, the rest hashable
     opt_state = optimizer.init(diff)
+    baselines = step_fn.init(key, params)
     history = np.zeros(num_steps, dtype=np.float32)
     done = 0
     if checkpoint is not None and os.path.exists(checkpoint):
-        like = (diff, opt_state, jnp.zeros((), jnp.int32), jnp.zeros(num_steps, jnp.float32))
-        diff, opt_state, step, saved = eqx.tree_deserialise_leaves(checkpoint, like)
+        like = (diff, opt_state, baselines, jnp.zeros((), jnp.int32), jnp.zeros(num_steps, jnp.float32))
+        diff, opt_state, baselines, step, saved = eqx.tree_deserialise_leaves(checkpoint, like)
         done = int(step)
         history[:done] = np.asarray(saved)[:done]
     bar = ppl_progress_bar(progress_bar, num_steps, "vi.fit", initial=done)
@@ -102,9 +109,9 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
             length = min(chunk, num_steps - done)
             if checkpoint_every is not None:
                 length = min(length, checkpoint_every - done % checkpoint_every)
-            diff, opt_state, values = _chunk(
-                key, jnp.asarray(done, jnp.uint32), diff, opt_state,
-                rest_dynamic, step_fn=step_fn, optimizer=optimizer, length=length, rest_static=rest_static,
+            diff, opt_state, baselines, values = _chunk(
+                key, jnp.asarray(done, jnp.uint32), diff, opt_state, baselines, rest_dynamic,
+                step_fn=step_fn.step, optimizer=optimizer, length=length, rest_static=rest_static,
             )
             values = np.asarray(values)
             history[done : done + length] = values
@@ -120,9 +127,8 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
                 bar.update(length)
                 bar.set_postfix(objective=f"{values[-1]:.4g}")
             if checkpoint_every is not None and done % checkpoint_every == 0:
-                eqx.tree_serialise_leaves(
-                    checkpoint, (diff, opt_state, jnp.asarray(done, jnp.int32), jnp.asarray(history))
-                )
+                saved = (diff, opt_state, baselines, jnp.asarray(done, jnp.int32), jnp.asarray(history))
+                eqx.tree_serialise_leaves(checkpoint, saved)
     finally:
         if bar is not None:
             bar.close()
@@ -131,5 +137,5 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
 
 @functools.lru_cache(maxsize=64)
 def _step_fn(objective, num_samples):
-    """One `vi.grad` per (objective, num_samples), so repeated fits hit the jit cache."""
-    return grad(objective, num_samples=num_samples)
+    """One `vi.stateful_grad` per (objective, num_samples), so repeated fits hit the jit cache."""
+    return stateful_grad(objective, num_samples=num_samples)

@@ -23,12 +23,25 @@ before it, so their sum is unbiased:
   same key, and `sum_c q(c) S_c` is differentiated, where `S_c` is the re-run's own
   surrogate: its gradient is `sum_c grad q(c) f_c + q(c) grad S_c`, unbiased term by
   term.
+- rsvi: the draw is the accepted proposal `h(eps, theta)` of a rejection sampler at fixed
+  noise (pathwise, like reparam), and the acceptance step adds the score-function term
+  `f grad log pi(eps; theta)` of the accepted noise's density `pi`. The construct runs
+  the guide a second time, every choice given its value, with each rsvi site drawing
+  its noise again from the same key and scored by `log pi` (`_rsvi.py`); those scores
+  join the reinforce terms.
 - mvd: for a coordinate `x_j`, `d/dtheta E f = sum_k d/dtheta q(k) E[f | x_j = k]`
   (finite support) or its weak-derivative decomposition (Poisson, geometric). The
   objective is re-run with `x_j` moved and everything else drawn with the same key (the
   later draws follow the moved value), and the zero-valued surrogate
   `sum_k q(k) stop_gradient(f_k) - stop_gradient(...)` adds the term; `q(k)` is read from
   the site's density in the re-runs, so it is differentiable.
+
+A reinforce baseline `b` only has to be independent of its site's draw: a constant, the
+leave-one-out mean of independent copies, or a moving average of the objective's values
+at past optimization steps (`baseline="moving_average"`). The average is state outside
+the pure `(key, params)` function: `vi.stateful_grad` takes it in and returns it
+updated with this step's value, and `vi.fit` threads it through its scan; the estimate
+at step t reads only steps before t, so it stays unbiased.
 
 Re-running with the same key is what a continuation is here: the objective is a pure
 function of `(key, params)`, so a re-run repeats every draw made before the moved site
@@ -58,6 +71,7 @@ import ppl
 from ppl.extend import check_count, check_key, format_address, site_scores
 
 from ._estimators import MAX_ENUMERATION, SiteInfo, site_info
+from ._rsvi import noise_scores
 
 __all__ = ["grad", "simulate", "generate", "learning_signal"]
 
@@ -80,8 +94,11 @@ class _Tape:
     """What one evaluation of an objective reports: per construct call (numbered in
     call order) its sites' estimators, and the surrogate pieces."""
 
-    def __init__(self, forced=None):
+    def __init__(self, forced=None, baselines=None):
         self.forced = forced or {}  # (construct index, path) -> full value
+        self.baselines = baselines or {}  # site label -> moving-average baseline (a scalar)
+        self.averaged: dict = {}  # site label -> decay, for the moving-average sites seen
+        self.sampled_rsvi: dict = {}  # construct index -> paths of its drawn rsvi sites
         self.count = 0
         self.infos: dict = {}  # construct index -> {path: SiteInfo}
         self.in_scan: dict = {}  # (index, path) -> whether a ppl.scan is on the path
@@ -103,9 +120,11 @@ class _Tape:
     def __exit__(self, *exc):
         _tapes().pop()
 
-    def note(self, path, info: SiteInfo):
+    def note(self, path, info: SiteInfo, sampled: bool):
         if self._open is None:
             return
+        if info.estimator == "rsvi" and sampled:
+            self.sampled_rsvi.setdefault(self._open, set()).add(path)
         known = self.infos[self._open].get(path)
         if known is not None and known != info:
             raise ppl.ArgumentError(
@@ -121,7 +140,9 @@ class _Tape:
         self._open = index
         return index
 
-    def close(self, index, trace, batched: bool):
+    def close(self, index, trace, batched: bool, noise_scores: dict):
+        """Collect the construct call's terms. `noise_scores`: rsvi path -> log density
+        of its accepted noise (`[K]` per particle when batched)."""
         self._open = None
         infos = self.infos[index]
         if not infos:
@@ -142,7 +163,12 @@ class _Tape:
                     self.has_loo = True
                 else:
                     terms["plain"] = terms["plain"] + delta
-                    if info.baseline is not None:
+                    if info.baseline == "moving_average":
+                        label = site_label(index, path)
+                        self.averaged[label] = info.decay
+                        if label in self.baselines:
+                            terms["const"] = terms["const"] + sg(self.baselines[label]) * delta
+                    elif info.baseline is not None:
                         terms["const"] = terms["const"] + info.baseline * delta
             elif info.estimator in ("enum", "mvd"):
                 if batched:
@@ -152,6 +178,8 @@ class _Tape:
                 self.values[key] = value
                 if info.estimator == "mvd":
                     self.in_scan[key] = _scan_on_path(trace, path)
+        for noise in noise_scores.values():  # rsvi: the acceptance step's score term
+            terms["plain"] = terms["plain"] + noise - sg(noise)
         self.terms[index] = terms
 
     def surrogate(self, f):
@@ -168,6 +196,11 @@ class _Tape:
             a = a + fs * jnp.sum(t["plain"] + t["loo"]) - jnp.sum(t["const"])
             b = b + jnp.sum(t["loo"])
         return a, b
+
+
+def site_label(index: int, path: tuple) -> str:
+    """The name of a site's moving-average state: construct call number and path."""
+    return f"{index}:{'/'.join(path)}"
 
 
 def _scan_on_path(trace, path) -> bool:
@@ -193,7 +226,7 @@ class _Estimators(ppl.SiteHandler):
         d, info = site_info(site)
         tape = current_tape()
         if tape is not None:
-            tape.note(site.path, info)
+            tape.note(site.path, info, site.value is None)
         return site._replace(fn=d)
 
 
@@ -220,20 +253,25 @@ def _run_construct(name, gen_fn, key, constraints, args, num_particles, detach=F
     def one(k, forced_k):
         g = given.merge(ppl.ChoiceMap(forced_k)) if forced_k else given
         if g.is_empty and name == "simulate":
-            return handled.simulate(k, args), jnp.zeros(())
-        return handled.generate(k, g, args)
+            trace, weight = handled.simulate(k, args), jnp.zeros(())
+        else:
+            trace, weight = handled.generate(k, g, args)
+        rsvi_paths = tape.sampled_rsvi.get(index) if tape is not None else None
+        noise = noise_scores(gen_fn, k, trace, args, rsvi_paths) if rsvi_paths else {}
+        return trace, weight, noise
 
     try:
         if num_particles is None:
-            trace, weight = one(key, forced)
+            trace, weight, noise = one(key, forced)
         else:
             n = check_count(num_particles, "num_particles", f"vi.{name}")
-            trace, weight = jax.vmap(lambda i, fk: one(ppl.particle_key(key, i), fk))(jnp.arange(n), forced)
+            particle = lambda i, fk: one(ppl.particle_key(key, i), fk)  # noqa: E731
+            trace, weight, noise = jax.vmap(particle)(jnp.arange(n), forced)
     finally:
         if tape is not None:
             tape._open = None
     if tape is not None:
-        tape.close(index, trace, num_particles is not None)
+        tape.close(index, trace, num_particles is not None, noise)
     if detach:
         trace, weight = jax.lax.stop_gradient((trace, weight))
     return trace, weight
@@ -294,9 +332,9 @@ def learning_signal(trace, signal) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def _evaluate(objective, key, params, forced):
+def _evaluate(objective, key, params, forced, baselines=None):
     """One run of the objective under a tape: (f, tape)."""
-    with _Tape(forced) as tape:
+    with _Tape(forced, baselines) as tape:
         f = objective(key, params)
     f = jnp.asarray(f)
     if f.shape != () or not jnp.issubdtype(f.dtype, jnp.floating):
@@ -306,13 +344,16 @@ def _evaluate(objective, key, params, forced):
     return f, tape
 
 
-def _discover(objective, key, params):
-    """The enum and mvd sites of the objective (static): {(index, path): (info, shape)}."""
-    found, loo = {}, []
+def discover(objective, key, params):
+    """What the objective's sites need (static): its enum and mvd sites {(index, path):
+    (info, shape)}, whether a reinforce site has a leave-one-out baseline, and the
+    moving-average sites {label: decay}."""
+    found, loo, averaged = {}, [], {}
 
     def probe(k, p):
         f, tape = _evaluate(objective, k, p, {})
         loo.append(tape.has_loo)
+        averaged.update(tape.averaged)
         for (index, path), value in tape.values.items():
             shape = jax.ShapeDtypeStruct(jnp.shape(value), jnp.result_type(value))
             info = tape.infos[index][path]
@@ -325,7 +366,7 @@ def _discover(objective, key, params):
         return f
 
     jax.eval_shape(lambda k: probe(k, params), key)  # params closed over: static leaves stay static
-    return found, loo[0]
+    return found, loo[0], averaged
 
 
 def _mvd_terms(objective, key, params, forced, base_tape, f0, sites):
@@ -368,13 +409,13 @@ def _mvd_terms(objective, key, params, forced, base_tape, f0, sites):
     return total
 
 
-def _estimate(objective, key, params, sites):
+def _estimate(objective, key, params, sites, baselines):
     """(f, A, B) for one independent copy, enum sites summed exactly."""
     enum_sites = {k: v for k, v in sites.items() if v[0].estimator == "enum"}
     mvd_sites = {k: v for k, v in sites.items() if v[0].estimator == "mvd"}
 
     def at(forced):
-        f, tape = _evaluate(objective, key, params, forced)
+        f, tape = _evaluate(objective, key, params, forced, baselines)
         a, b = tape.surrogate(f)
         if mvd_sites:
             a = a + _mvd_terms(objective, key, params, forced, tape, f, mvd_sites)
@@ -430,7 +471,9 @@ def grad(objective, num_samples: int = 1):
     With `num_samples=K` the objective runs K times with independent keys (vectorized)
     and the estimates are averaged; reinforce sites with `baseline="leave_one_out"` then
     use the mean of the other K - 1 runs as their baseline (unbiased: independent of the
-    site's own draw).
+    site's own draw). Reinforce sites with `baseline="moving_average"` need the values
+    of past steps, which this stateless function does not have: here their baseline is
+    0; `vi.stateful_grad` (and `vi.fit`, which uses it) carries the average.
 
     >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, ppl, vi
     >>> @ppl.gen
@@ -443,27 +486,43 @@ def grad(objective, num_samples: int = 1):
     >>> bool(abs(g - (-3.0)) < 0.2)       # d/dmu = -2 mu
     True
     """
+    estimate = value_and_grad_with_baselines(objective, num_samples)
+
+    def value_and_grad(key, params):
+        f, g, _ = estimate(key, params, lambda averaged: {})
+        return f, g
+
+    return value_and_grad
+
+
+def value_and_grad_with_baselines(objective, num_samples: int = 1):
+    """`(key, params, baseline_values) -> (value, grads, averaged)`: `grad`'s estimate
+    with the moving-average sites' baselines supplied. `baseline_values(averaged)`
+    receives those sites (`averaged`, `{site label: decay}`, static, found by tracing the
+    objective) and returns `{site label: scalar baseline}` (a missing label means 0).
+    `vi.stateful_grad` keeps the averages."""
     if not callable(objective):
         raise ppl.ArgumentError(f"vi.grad expects a function objective(key, params), got {type(objective).__name__}.")
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise ppl.ArgumentError(f"vi.grad: num_samples must be a positive int, got {num_samples!r}.")
     num_samples = int(num_samples)
 
-    def value_and_grad(key, params):
+    def estimate(key, params, baseline_values):
         check_key(key, None, "vi.grad")
-        sites, has_loo = _discover(objective, key, params)
+        sites, has_loo, averaged = discover(objective, key, params)
         if has_loo and num_samples == 1:
             raise ppl.ArgumentError(
-                        "vi.grad: a reinforce site has baseline='leave_one_out', which needs "
+                "vi.grad: a reinforce site has baseline='leave_one_out', which needs "
                 "vi.grad(objective, num_samples=K) with K >= 2 independent runs."
             )
+        baselines = baseline_values(averaged)
 
         def surrogate(p):
             if num_samples == 1:
-                f, a, b = _estimate(objective, key, p, sites)
+                f, a, b = _estimate(objective, key, p, sites, baselines)
                 return a, f
             keys = jax.random.split(key, num_samples)
-            f, a, b = jax.vmap(lambda k: _estimate(objective, k, p, sites))(keys)
+            f, a, b = jax.vmap(lambda k: _estimate(objective, k, p, sites, baselines))(keys)
             loo = (jnp.sum(f) - f) / (num_samples - 1)
             return jnp.mean(a - sg(loo) * b), jnp.mean(f)
 
@@ -479,6 +538,6 @@ def grad(objective, num_samples: int = 1):
                 "gradient terms could not reach the estimate. Use num_particles=K on the "
                 "construct, or ppl.vmap / ppl.scan inside the generative function."
             ) from e
-        return f, g
+        return f, g, averaged
 
-    return value_and_grad
+    return estimate
