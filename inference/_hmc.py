@@ -23,7 +23,7 @@ from numpyro.infer.hmc import hmc as numpyro_hmc
 from numpyro.infer.util import ParamInfo
 
 import ppl
-from ppl.extend import format_address
+from ppl.extend import format_address, normalize_address
 
 from ._kernels import Kernel, _check_not_observed, _check_trace, _paths, _selected
 from ._unconstrained import to_constrained, to_unconstrained, unconstrained
@@ -38,8 +38,9 @@ class HMCState:
 
     Fields:
       trace:      the model's trace at the current position (constrained values).
-      hmc:        numpyro's `HMCState`; `hmc.z` is a `ChoiceMap` of the moved choices on
-                  the real line, `hmc.adapt_state` the step size and inverse mass matrix.
+      hmc:        numpyro's `HMCState`; `hmc.z` is a dict tuple path -> value of the moved
+                  choices on the real line, `hmc.adapt_state` the step size and inverse
+                  mass matrix (a dict block -> matrix with block-structured `dense_mass`).
       moved:      (static) the addresses HMC moves, tuple paths.
       num_warmup: (static) steps `0 .. num_warmup - 1` adapt step size and mass matrix.
     """
@@ -72,7 +73,7 @@ class _Config:
     max_tree_depth: int
     adapt_step_size: bool
     adapt_mass_matrix: bool
-    dense_mass: bool
+    dense_mass: Any  # a bool, or a tuple of blocks (each a tuple of tuple paths)
     target_accept_prob: float
     selection: Any  # None (every unobserved choice), a tuple of paths, or a ppl.Selection
 
@@ -84,7 +85,7 @@ class _Config:
             max_tree_depth=self.max_tree_depth,
             adapt_step_size=self.adapt_step_size,
             adapt_mass_matrix=self.adapt_mass_matrix,
-            dense_mass=self.dense_mass,
+            dense_mass=list(self.dense_mass) if isinstance(self.dense_mass, tuple) else self.dense_mass,
             target_accept_prob=self.target_accept_prob,
         )
 
@@ -96,7 +97,7 @@ def hmc(
     trajectory_length: float | None = None,
     adapt_step_size: bool = True,
     adapt_mass_matrix: bool = True,
-    dense_mass: bool = False,
+    dense_mass=False,
     target_accept_prob: float = 0.8,
     selection=None,
 ) -> Kernel:
@@ -106,8 +107,12 @@ def hmc(
     (or a fixed `trajectory_length`, default 2*pi, when `num_steps` is None) and
     accepts the end point with probability min(1, exp(-ΔH)). During the first
     `num_warmup` steps (given to `init`) the step size is adapted by dual averaging
-    towards `target_accept_prob` and the inverse mass matrix (diagonal, or dense with
-    `dense_mass=True`) by Welford estimates over Stan's windows.
+    towards `target_accept_prob` and the inverse mass matrix by Welford estimates over
+    Stan's windows: diagonal (`dense_mass=False`), dense over every moved coordinate
+    (`True`), or block-diagonal: `dense_mass=[("mu", "tau"), ("beta",)]` adapts one dense
+    block for the correlated `mu` and `tau`, one for the elements of `beta`, and a
+    diagonal for the other sites (NumPyro's convention; addresses as strings or tuple
+    paths).
 
     `selection`: addresses to move (default: every random choice not observed). The
     other choices stay fixed at the trace's values, so `cycle(mh("k"), hmc(selection=
@@ -146,7 +151,7 @@ def nuts(
     max_tree_depth: int = 10,
     adapt_step_size: bool = True,
     adapt_mass_matrix: bool = True,
-    dense_mass: bool = False,
+    dense_mass=False,
     target_accept_prob: float = 0.8,
     selection=None,
 ) -> Kernel:
@@ -163,13 +168,40 @@ def nuts(
     ))
 
 
-def _dense(dense_mass) -> bool:
-    if not isinstance(dense_mass, bool):
+def _dense(dense_mass):
+    """True / False, or the blocks as a tuple of tuples of tuple paths."""
+    if isinstance(dense_mass, bool):
+        return dense_mass
+    blocks = None
+    if isinstance(dense_mass, (list, tuple)) and all(isinstance(b, (list, tuple)) and b for b in dense_mass):
+        try:
+            blocks = tuple(tuple(normalize_address(a) for a in b) for b in dense_mass)
+        except ppl.PPLError:
+            blocks = None
+    if blocks is None:
         raise ppl.ArgumentError(
-            "inference.hmc/nuts: dense_mass must be True or False (block-structured mass "
-            "matrices are not supported yet)."
+            "inference.hmc/nuts: dense_mass must be True, False, or a list of blocks of addresses, each "
+            f"a tuple: dense_mass=[('mu', 'tau'), ('beta',)]; got {dense_mass!r}."
         )
-    return dense_mass
+    flat = [a for b in blocks for a in b]
+    if len(set(flat)) < len(flat):
+        twice = sorted({format_address(a) for a in flat if flat.count(a) > 1})
+        raise ppl.ArgumentError(
+            f"inference.hmc/nuts: dense_mass names {', '.join(twice)} in more than one block; each "
+            "site belongs to one block of the mass matrix."
+        )
+    return blocks
+
+
+def _check_blocks(config: _Config, moved: tuple, name: str) -> None:
+    if not isinstance(config.dense_mass, tuple):
+        return
+    unknown = [a for b in config.dense_mass for a in b if a not in set(moved)]
+    if unknown:
+        raise ppl.ArgumentError(
+            f"{name}: dense_mass names {', '.join(map(format_address, unknown))}, which the kernel does "
+            f"not move; it moves {', '.join(map(format_address, moved))}."
+        )
 
 
 def _selection(selection):
@@ -203,6 +235,7 @@ def _kernel(config: _Config) -> Kernel:
                 f"{name}: {trace.gen_fn.__name__} has no latent random choice to move (every choice "
                 "is observed or unselected). Sample at least one site without obs= or a constraint."
             )
+        _check_blocks(config, moved, name)
         z, potential = _position(trace, moved)
         pe, z_grad = jax.value_and_grad(potential)(z)
         init_kernel, _ = numpyro_hmc(potential_fn=potential, algo=config.algo)
@@ -224,7 +257,7 @@ def _kernel(config: _Config) -> Kernel:
         init_kernel(ParamInfo(h.z, h.potential_energy, h.z_grad), state.num_warmup, **config.numpyro_options())
         new = sample_kernel(h._replace(rng_key=_typed(key)))
         new = new._replace(num_steps=jnp.asarray(new.num_steps, jnp.int32))  # HMC's is weakly typed
-        trace = to_constrained(model, args, new.z.merge(fixed_values), fixed)
+        trace = to_constrained(model, args, ppl.ChoiceMap(new.z).merge(fixed_values), fixed)
         info = HMCInfo(new.accept_prob, new.diverging, new.num_steps, h.adapt_state.step_size, new.potential_energy)
         return HMCState(trace, new, state.moved, state.num_warmup), info
 
@@ -247,17 +280,18 @@ def _potential(model, args, fixed: tuple, fixed_values: ppl.ChoiceMap):
     on_real_line = unconstrained(model, fixed)
 
     def potential(z):
-        return -on_real_line.assess(z.merge(fixed_values), args)[0]
+        return -on_real_line.assess(ppl.ChoiceMap(z).merge(fixed_values), args)[0]
 
     return potential
 
 
 def _position(trace, moved: tuple):
-    """`(z, potential)`: the moved choices of `trace` on the real line, and U."""
+    """`(z, potential)`: the moved choices of `trace` on the real line, a dict tuple path
+    -> array (the form numpyro's block mass matrices index by site), and U."""
     model, args = trace.gen_fn, trace.args
     fixed, fixed_values = _fixed(trace, moved)
     u = to_unconstrained(model, args, trace.choices, fixed)
-    z = ppl.ChoiceMap({a: u[a] for a in moved})
+    z = {a: u[a] for a in moved}
     return z, _potential(model, args, fixed, fixed_values)
 
 

@@ -351,7 +351,7 @@ def _check_initial(states, model, where: str) -> None:
     grads = []
     for h in _hmc_states(states):
         bad |= ~np.isfinite(np.asarray(h.hmc.potential_energy))
-        for address, g in h.hmc.z_grad.flat_items():
+        for address, g in h.hmc.z_grad.items():
             finite = np.all(np.isfinite(np.asarray(g)).reshape(score.shape[0], -1), axis=1)
             bad |= ~finite
             grads.append((address, finite))

@@ -14,7 +14,7 @@ import numpy as np
 
 from ._batching import StateLayout, StatesProgram, StepProgram, vmap_shared, vmap_states
 from ._distribution import is_concrete
-from ._errors import ArgumentError, format_address, suggest
+from ._errors import ArgumentError, format_address, normalize_address, suggest
 from ._gfi import check_args, check_key, check_selection
 from ._static import Static, combine, partition
 from ._trace import Trace
@@ -59,6 +59,7 @@ __all__ = [
     "Static",
     "is_concrete",
     "format_address",
+    "normalize_address",
     "suggest",
     "site_scores",
     "check_count",

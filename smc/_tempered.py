@@ -456,6 +456,10 @@ def _adapt(states, log_w, log_eps):
 
 def _adapt_hmc(states, log_w, eps):
     n = log_w.shape[0]
+    if isinstance(states.hmc.adapt_state.inverse_mass_matrix, dict):
+        raise ArgumentError(
+            f"{_WHERE}: the kernel has a block-structured mass matrix (dense_mass=[...]); smc.tempered sets "
+            "the mass matrix from the particles' covariance: use dense_mass=True or False.")
     z = jax.vmap(lambda z: ravel_pytree(z)[0])(states.hmc.z)  # [N, d]
     w = jax.nn.softmax(log_w)[:, None]
     mean = jnp.sum(w * z, axis=0)

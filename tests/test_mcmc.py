@@ -389,3 +389,52 @@ def test_nuts_runs_in_float64():
     out = subprocess.run([sys.executable, "-c", X64_SCRIPT], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "x64 ok" in out.stdout
+
+
+# -- block-structured mass matrix: (a, b) strongly correlated, c independent and wide
+RHO = 0.95
+
+
+@ppl.gen
+def correlated():
+    a = ppl.sample("a", dist.Normal(0.0, 1.0))
+    b = ppl.sample("b", dist.Normal(RHO * a, np.sqrt(1 - RHO**2)))
+    c = ppl.sample("c", dist.Normal(jnp.zeros(3), 10.0))
+    return a + b + c.sum()
+
+
+def test_block_dense_mass_adapts_one_block_and_a_diagonal():
+    """dense_mass=[("a", "b")]: a dense 2x2 block for (a, b), a diagonal for c. The
+    adapted block's correlation is the target's 0.95 (Welford over the last window of
+    ~250 well-mixed warmup draws: sd of a correlation estimate (1 - rho^2) / sqrt(n)
+    ~ 0.006; 0.05 allows an ESS 6x below n); the draws match the exact moments."""
+    kernel = inference.nuts(dense_mass=[("a", "b")])
+    trace, _ = correlated.generate(jax.random.key(0), {}, ())
+    state = kernel.init(trace, num_warmup=500)
+    inv_mm = state.hmc.adapt_state.inverse_mass_matrix
+    assert set(inv_mm) == {(("a",), ("b",)), (("c",),)}
+    assert inv_mm[(("a",), ("b",))].shape == (2, 2) and inv_mm[(("c",),)].shape == (3,)
+
+    def body(state, k):
+        return kernel.step(k, state)
+
+    state, info = jax.jit(lambda s: jax.lax.scan(body, s, jax.random.split(jax.random.key(1), 500)))(state)
+    block = np.asarray(state.hmc.adapt_state.inverse_mass_matrix[(("a",), ("b",))])
+    corr = block[0, 1] / np.sqrt(block[0, 0] * block[1, 1])
+    assert abs(corr - RHO) < 0.05, block
+    np.testing.assert_allclose(np.asarray(state.hmc.adapt_state.inverse_mass_matrix[(("c",),)]), 100.0, rtol=0.5)
+
+    samples = inference.run_nuts(jax.random.key(2), correlated, (), None, dense_mass=[("a", "b")], **RUN)
+    assert_mean_sd(samples["a"], 0.0, 1.0)
+    assert_mean_sd(samples["b"], 0.0, 1.0)
+    assert_mean_sd(samples["c"][..., 0], 0.0, 10.0)
+
+
+def test_bad_dense_mass_blocks():
+    with pytest.raises(ppl.ArgumentError, match="list of blocks"):
+        inference.nuts(dense_mass="a")
+    with pytest.raises(ppl.ArgumentError, match="more than one block"):
+        inference.nuts(dense_mass=[("a", "b"), ("b",)])
+    trace, _ = correlated.generate(jax.random.key(0), {}, ())
+    with pytest.raises(ppl.ArgumentError, match="'d'.*not move"):
+        inference.nuts(dense_mass=[("a", "d")]).init(trace, num_warmup=10)
