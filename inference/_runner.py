@@ -118,8 +118,12 @@ def run_mcmc(
     `samples.divergences` `[num_chains]`. Warns (`ConvergenceWarning`) on divergences
     or split r_hat > 1.01.
 
-    Raises `ArgumentError` when the model has no latent choice, `InferenceError`
-    naming the site when a chain's initial log density (or its gradient) is not finite.
+    A chain whose start has a non-finite log density (or gradient) draws a new start, up
+    to 100 times, as Stan and NumPyro do; starts given in `init` are not redrawn.
+
+    Raises `ArgumentError` when the model has no latent choice, `InferenceError` naming
+    the site and its value when a chain still starts at a non-finite log density (or
+    gradient).
     """
     if not isinstance(kernel, Kernel):
         raise ppl.ArgumentError(
@@ -160,7 +164,20 @@ def run_mcmc(
     )
     inits = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), init)
     own = _init(keys, inits, shared, program=program)
-    _check_initial(program.layout.join(own, shared, broadcast=_host_broadcast(num_chains)), model, where)
+    view = functools.partial(program.layout.join, shared=shared, broadcast=_host_broadcast(num_chains))
+    bad = _bad_chains(view(own))
+    # As Stan and NumPyro: a chain that starts where the density or its gradient is not
+    # finite draws a new start, up to _INIT_ATTEMPTS times; then the error names the site.
+    for attempt in range(1, _INIT_ATTEMPTS if bad.any() and _random_start(latent, init) else 0):
+        retry = _init(jax.random.split(jax.random.fold_in(k_init, attempt), num_chains), inits, shared,
+                      program=program)
+        take = jnp.asarray(bad)
+        own = [o if u else jnp.where(take.reshape((-1,) + (1,) * (jnp.ndim(o) - 1)), r, o)
+               for o, r, u in zip(own, retry, program.layout.uniform)]
+        bad = _bad_chains(view(own))
+        if not bad.any():
+            break
+    _check_initial(view(own), bad, model, where, _INIT_ATTEMPTS if _random_start(latent, init) else 1)
     collect = _Collect(latent, deterministic)
     stepper = _step_program(program, kernel, collect, keys[0], own, shared)
     own = stepper.adopt(own, num_chains)
@@ -344,19 +361,34 @@ def _hmc_states(state) -> list:
     return []
 
 
-def _check_initial(states, model, where: str) -> None:
-    """Name the site when a chain starts at a non-finite log density (or gradient)."""
+_INIT_ATTEMPTS = 100
+
+
+def _random_start(latent: tuple, init: ppl.ChoiceMap) -> bool:
+    """Whether some latent choice's start is drawn (a retry can move it)."""
+    given = set(init.addresses())
+    return any(a not in given for a in latent)
+
+
+def _bad_chains(states) -> np.ndarray:
+    """[chains] bool: the start's log density, potential or gradient is not finite."""
     score = np.asarray(states.trace.score)
     bad = ~np.isfinite(score)
-    grads = []
     for h in _hmc_states(states):
         bad |= ~np.isfinite(np.asarray(h.hmc.potential_energy))
-        for address, g in h.hmc.z_grad.items():
-            finite = np.all(np.isfinite(np.asarray(g)).reshape(score.shape[0], -1), axis=1)
-            bad |= ~finite
-            grads.append((address, finite))
+        for g in h.hmc.z_grad.values():
+            bad |= ~np.all(np.isfinite(np.asarray(g)).reshape(score.shape[0], -1), axis=1)
+    return bad
+
+
+def _check_initial(states, bad: np.ndarray, model, where: str, attempts: int) -> None:
+    """Name the site when a chain starts at a non-finite log density (or gradient)."""
     if not bad.any():
         return
+    score = np.asarray(states.trace.score)
+    grads = [(address, np.all(np.isfinite(np.asarray(g)).reshape(score.shape[0], -1), axis=1))
+             for h in _hmc_states(states) for address, g in h.hmc.z_grad.items()]
+    tried = f" (after {attempts} random starts)" if attempts > 1 else ""
     c = int(np.argmax(bad))
     trace = jax.tree.map(lambda x: x[c], states.trace)
     culprits = []
@@ -365,13 +397,14 @@ def _check_initial(states, model, where: str) -> None:
             culprits.append(f"{format_address(address)} (log density {np.asarray(s)}, value {_value(trace, address)})")
     if culprits:
         raise ppl.InferenceError(
-            f"{where}: chain {c} starts where the log density is {score[c]}: site(s) {', '.join(culprits)}. "
+            f"{where}: chain {c} starts where the log density is {score[c]}{tried}: site(s) "
+            f"{', '.join(culprits)}. "
             "Give valid starting values with init={...}, or check the model's parameters and factors "
             "(a log of a negative number, an observation outside the support)."
         )
     bad_grads = [format_address(a) for a, finite in grads if not finite[c]]
     raise ppl.InferenceError(
-        f"{where}: chain {c} starts at log density {score[c]}, but the gradient "
+        f"{where}: chain {c} starts at log density {score[c]}{tried}, but the gradient "
         f"{'at ' + ', '.join(bad_grads) + ' ' if bad_grads else ''}(or the log-Jacobian on the real line) "
         "is not finite. Give valid starting values with init={...}, or reparameterize the site."
     )

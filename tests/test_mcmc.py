@@ -297,8 +297,40 @@ def test_discrete_latent_under_nuts_names_the_site():
 
 
 def test_non_finite_initial_density_names_the_site():
-    with pytest.raises(ppl.InferenceError, match="'wall'"):
+    with pytest.raises(ppl.InferenceError, match="after 100 random starts.*'wall'"):
         inference.run_nuts(jax.random.key(0), walled, (1,), num_warmup=5, num_samples=5, progress_bar=False)
+    with pytest.raises(ppl.InferenceError, match="starts where the log density is -inf: site.*'wall'"):
+        inference.run_nuts(jax.random.key(0), walled, (1,), init={"x": 0.0}, num_warmup=5, num_samples=5,
+                           progress_bar=False)  # a given start is not redrawn
+
+
+@ppl.gen
+def truncated():
+    x = ppl.sample("x", dist.Normal(0.0, 1.0))
+    ppl.factor("wall", jnp.where(x > 1.0, 0.0, -jnp.inf))
+    return x
+
+
+def test_chains_that_start_outside_the_support_draw_a_new_start(monkeypatch):
+    """uniform(-2, 2) starts land left of the wall 3 times in 4: those chains redraw,
+    and the draws are the truncated normal's (mean phi(1) / (1 - Phi(1)) = 1.5251,
+    sd 0.4597; 5 s.e. from the bulk ESS)."""
+    import inference._runner as runner
+
+    calls = []
+    original = runner._init
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_init", counting)
+    samples = inference.run_nuts(jax.random.key(3), truncated, (), None, num_warmup=300, num_samples=500,
+                                 num_chains=4, progress_bar=False)
+    assert len(calls) > 1  # some chain had to redraw
+    x = np.asarray(samples["x"])
+    assert x.min() > 1.0
+    assert_mean_sd(x, 1.5251, 0.4597)
 
 
 def test_bad_arguments():
