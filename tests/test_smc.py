@@ -265,6 +265,19 @@ def test_resamplers_unbiased_on_generated_weights(weights, extra, seed):
     check_laws(weights, n=len(weights) + extra, num_keys=2000, seed=seed)
 
 
+def test_systematic_counts_are_floor_or_ceil_and_stratified_within_one_per_stratum():
+    """Systematic: count_i in {floor(n w_i), ceil(n w_i)} (up to float32 rounding of the
+    cdf, hence the 1e-4); stratified: count_i within the strata its interval touches."""
+    w = np.asarray(jax.random.dirichlet(jax.random.key(3), jnp.ones(50)), np.float64)
+    for n in (50, 173):
+        counts = offspring_counts(smc.systematic, w, n, 200)
+        assert np.all(counts >= np.floor(n * w - 1e-4)) and np.all(counts <= np.ceil(n * w + 1e-4))
+        counts = offspring_counts(smc.stratified, w, n, 200)
+        cdf = np.concatenate([[0.0], np.cumsum(w)])
+        touched = np.ceil(n * cdf[1:] + 1e-4) - np.floor(n * cdf[:-1] - 1e-4)
+        assert np.all(counts <= touched)
+
+
 def test_resamplers_shapes_zero_weights_and_jit():
     log_w = jnp.log(jnp.array([0.0, 0.5, 0.0, 0.5]))
     for name, resampler in RESAMPLERS.items():
