@@ -21,7 +21,8 @@ Output: one JSON line per (benchmark, impl) with
   run_s          median wall time of 3 repeat calls with the same shapes, new keys and
                  (framework) new data values; NumPyro recompiles inside each `run()`
   compile_s      first_call_s - run_s
-  min_bulk_ess   minimum over every scalar parameter of the bulk ESS (numpyro.diagnostics)
+  min_bulk_ess   minimum over every scalar parameter of the bulk ESS (numpyro.diagnostics),
+                 the median over the repeat calls (one seed's minimum varies by ~20%)
   ess_per_s      min_bulk_ess / run_s; ratio_ess_per_s_vs_best_peer: this over the best of
                  the NumPyro and BlackJAX rows of the same benchmark
   means          posterior means of two parameters, to see that the impls agree
@@ -174,24 +175,25 @@ def mean_and_se(samples, name, index=None):
 
 
 def measure(run, data_variants, repeats=3):
-    """First call, then `repeats` calls with new keys and data values; (first_s, run_s, samples)."""
+    """First call, then `repeats` calls with new keys and data values;
+    (first_s, run_s, median over the repeats of the min bulk ESS, last samples)."""
     t0 = time.perf_counter()
     samples = run(jax.random.key(0), data_variants[0])
     first = time.perf_counter() - t0
-    times = []
+    times, ess = [], []
     for r in range(repeats):
         t0 = time.perf_counter()
         samples = run(jax.random.key(r + 1), data_variants[(r + 1) % len(data_variants)])
         times.append(time.perf_counter() - t0)
-    return first, float(np.median(times)), samples
+        ess.append(min_bulk_ess(samples))
+    return first, float(np.median(times)), float(np.median(ess)), samples
 
 
 def bench(name, impls, data_variants, checks, warmup, draws):
     rows, means = [], {}
     for impl, run in impls.items():
         _common.log(f"{name}: {impl}")
-        first, run_s, samples = measure(run, data_variants)
-        ess = min_bulk_ess(samples)
+        first, run_s, ess, samples = measure(run, data_variants)
         means[impl] = {label: mean_and_se(samples, *spec) for label, spec in checks.items()}
         rows.append(dict(benchmark=name, impl=impl, chains=CHAINS, warmup=warmup, draws=draws,
                          first_call_s=round(first, 3), run_s=round(run_s, 3), compile_s=round(first - run_s, 3),

@@ -65,7 +65,7 @@ Output: one JSON object per line (the schema of `core.py`, see `_common.row`):
 run_ms_median / run_ms_iqr over interleaved repeats after warm-up, compile_ms (first call of
 a fresh jit after `jax.clear_caches()`), ratio_vs_handcoded (vs `handcoded_batched`, the
 target's reference), ratio_vs_lower_bound (the same), plus `ratio_vs_handcoded_keys`,
-`log_marginal` (the mean over 20 seeds), `log_marginal_sd` (their sd), `log_marginal_exact`,
+`log_marginal` (the mean over 100 seeds), `log_marginal_sd` (their sd), `log_marginal_exact`,
 and `ratio_vs_particles` (vs the `particles` library's median, when it is installed).
 Before timing the script checks every implementation's 20-seed mean against the Kalman
 value: |mean - exact| < 5 sd / sqrt(20) + sd^2 / 2 (the -Var/2 bias of log Z-hat), and
@@ -98,7 +98,7 @@ import smc  # noqa: E402
 
 DATA = str(Path(__file__).resolve().parent / "data" / "lgssm_T100.npz")
 LOGREG = str(Path(__file__).resolve().parent / "data" / "logreg_5000x20.npz")
-NUM_SEEDS = 20
+NUM_SEEDS = 100  # an sd from 100 seeds is within about 14% of the true one (95%)
 
 
 def load():
@@ -135,11 +135,14 @@ def framework_model(phi, sy):
 
 
 def systematic(key, log_w, n):
-    """Hand-coded systematic resampling (the same algorithm as smc.systematic)."""
+    """Hand-coded systematic resampling, the same algorithm as smc.systematic: point k
+    takes the number of particles whose first point is at or before k (a histogram and a
+    cumulative sum, O(N); `jnp.searchsorted` of the n points is O(n log N) and ~3x slower
+    on CPU at N = 100,000)."""
     w = jnp.exp(log_w - logsumexp(log_w))
     cdf = jnp.cumsum(w)
-    u = (jnp.arange(n) + jax.random.uniform(key, ())) / n
-    return jnp.clip(jnp.searchsorted(cdf, u * cdf[-1], side="right"), 0, n - 1)
+    first = jnp.clip(jnp.ceil(n * cdf / cdf[-1] - jax.random.uniform(key, ())), 0, n).astype(jnp.int32)
+    return jnp.clip(jnp.cumsum(jnp.zeros(n + 1, jnp.int32).at[first].add(1)[:n]), 0, n - 1)
 
 
 def handcoded(key, ys, sc, phi, sy, n, per_particle_keys):
