@@ -186,23 +186,34 @@ def run_mcmc(
     chunk = int(chunk_size) if chunk_size is not None else max(1, math.ceil(total / _CHUNKS))
     bar = _progress(progress_bar, total, num_warmup, num_chains)
     kept_draws, kept_info = [], []
-    done = 0
+
+    def settle(chunk_out, start, stop, steps, label):
+        """Keep a finished chunk's draws past warmup; advance the bar."""
+        draws, info = chunk_out
+        if start < stop:
+            kept_draws.append(jax.tree.map(lambda x: np.asarray(x)[:, start:stop], draws))
+            kept_info.append(jax.tree.map(lambda x: np.asarray(x)[:, start:stop], info))
+        if bar is not None:
+            jax.block_until_ready(chunk_out)
+            bar.set_description(label)
+            bar.update(steps)
+
+    # The next chunk is dispatched before the host copies the previous one's draws, so the
+    # device never waits for the host between chunks.
+    pending = None
     try:
         for index in range(math.ceil(total / chunk)):
-            own, (draws, info) = _run_chunk(
+            own, chunk_out = _run_chunk(
                 k_run, jnp.asarray(index, jnp.uint32), own, shared, stepper=stepper, chunk_size=chunk,
                 num_chains=num_chains,
             )
-            start, stop = max(num_warmup - done, 0), min(total - done, chunk)  # this chunk's draws past warmup
-            if start < stop:
-                kept_draws.append(jax.tree.map(lambda x: np.asarray(x)[:, start:stop], draws))
-                kept_info.append(jax.tree.map(lambda x: np.asarray(x)[:, start:stop], info))
-            elif bar is not None:
-                jax.block_until_ready(own)
-            done += chunk
-            if bar is not None:
-                bar.set_description("warmup" if done < num_warmup else "sample")
-                bar.update(min(chunk, total - (done - chunk)))
+            if pending is not None:
+                settle(*pending)
+            done = index * chunk
+            steps = min(chunk, total - done)
+            label = "warmup" if done + steps < num_warmup else "sample"
+            pending = (chunk_out, max(num_warmup - done, 0), steps, steps, label)  # past warmup: [start, stop)
+        settle(*pending)
     finally:
         if bar is not None:
             bar.close()
