@@ -18,9 +18,8 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from ppl import ArgumentError, ChoiceMap, GenerativeFunction, InferenceError, ObservationError, Trace, particle_key
-from ppl.extend import check_args, check_key, combine, format_address, is_concrete, partition
+from ppl.extend import check_args, check_key, combine, format_address, is_concrete, partition, vmap_shared
 
-from ._batching import vmap_particles
 from ._checks import check_constraint_values
 from ._sharding import shard_leading_axis
 
@@ -190,7 +189,7 @@ def _importance(key, dynamic, constraints, *, static, model, num_particles, prop
         return tr, w - q.score
 
     indices = shard_leading_axis(jnp.arange(num_particles, dtype=jnp.uint32))
-    (traces, log_weights), is_batched = vmap_particles(particle, indices)
+    (traces, log_weights), is_batched = vmap_shared(particle, indices)
     log_weights = jnp.broadcast_to(log_weights, (num_particles,))
     log_marginal = logsumexp(log_weights) - math.log(num_particles)
     ess = jnp.exp(log_ess(log_weights))
