@@ -8,7 +8,10 @@ below `ess_threshold * N`. The whole run is one jit-compiled `lax.scan`; particl
 draws with `ppl.particle_key(key, i)`, so a step costs about one hash per drawn value,
 as batched hand-written code. The step traces of every step are kept ([T, N, ...]),
 and `ParticleFilterResult.paths()` traces each final particle's genealogy back
-through `ancestors` to rebuild whole trajectories as traces of the scan model.
+through `ancestors` to rebuild whole trajectories as traces of the scan model. With
+`history="choices"` only each step's choices, scores and reward / factor values are
+kept (`StepChoices`), not the traces' carries (a language model's KV caches), and
+`paths()` recomputes the carries by running the model on each path's choices.
 """
 
 from __future__ import annotations
@@ -24,14 +27,15 @@ from jax.scipy.special import logsumexp
 
 from inference._checks import check_constraint_values
 from ppl import ArgumentError, ChoiceMap, GenerativeFunction, InferenceError, ObservationError, ScanGF, Trace
-from ppl import particle_key
-from ppl.extend import check_args, check_key, combine, format_address, is_concrete, partition
+from ppl import UnknownAddressError, particle_key
+from ppl.extend import check_args, check_key, combine, format_address, is_concrete, partition, site_scores, suggest
 
 from ._resampling import get_resampler
 
-__all__ = ["particle_filter", "ParticleFilterResult"]
+__all__ = ["particle_filter", "ParticleFilterResult", "StepChoices"]
 
 _WHERE = "smc.particle_filter"
+HISTORIES = ("traces", "choices")
 
 
 @jax.tree_util.register_pytree_node_class
@@ -68,6 +72,12 @@ class ParticleFilterResult:
     through `ancestors`: a batch of N traces of the scan model, choices [N, T, ...].
     Leaves that are the same for every particle (observations, inputs) are stored once
     per step and broadcast on access.
+
+    With `particle_filter(..., history="choices")` (`history` says which) the stored
+    steps are `StepChoices` instead of traces: `particles` and `step_particles` then
+    hold each step's choices, score and reward / factor / observed values (indexed as
+    traces are: `particles["x"]`, `.choices`, `.score`) but no carries, and `paths()`
+    recomputes whole traces from the paths' choices.
     """
 
     def __init__(self, steps, aux, dynamic_args, log_marginal, log_weights, ess, ancestors, resampled,
@@ -134,7 +144,10 @@ class ParticleFilterResult:
         step t - 1 is `ancestors[t]` of its index at step t. Returns a batch of scan
         traces (choices [N, T, ...], `score` [N] the log joint of each path, args
         broadcast to [N, ...]); path j ends in `particles` j and carries weight
-        `log_weights[j]`.
+        `log_weights[j]`. With `history="choices"` the carries were not kept: the scan
+        is run again with each path's choices given (`model.generate`), one model run
+        per path; the choices are the stored ones and the score equals the sum of the
+        stored step scores (to float rounding).
         """
         model, _, is_batched = self._aux
         indices = _lineage(self.ancestors)  # [T, N]: the index of path j at step t
@@ -144,8 +157,22 @@ class ParticleFilterResult:
                     for leaf, batched in zip(leaves, is_batched)]
         in_axes = jax.tree.unflatten(treedef, [0 if b else None for b in is_batched])
         args = self.args
+        if isinstance(self._steps, StepChoices):
+            # No carries were kept: run the scan with every choice of the path given. All
+            # randomness is in the choices, so this is the trajectory the filter built
+            # (the key is never used).
+            def replay(steps):
+                return model.generate(jax.random.key(0), steps.choices, args)[0]
+
+            return jax.vmap(replay, in_axes=(in_axes,))(jax.tree.unflatten(treedef, gathered))
         return jax.vmap(lambda steps: model.assemble(args, steps), in_axes=(in_axes,))(
             jax.tree.unflatten(treedef, gathered))
+
+    @property
+    def history(self) -> str:
+        """What the result keeps of each step: "traces" (the kernel's traces) or "choices"
+        (`StepChoices`: choices, scores and reward / factor values, no carries)."""
+        return "choices" if isinstance(self._steps, StepChoices) else "traces"
 
     def __repr__(self):
         return (f"ParticleFilterResult(num_particles={self.num_particles}, num_steps={self.num_steps}, "
@@ -163,6 +190,93 @@ class ParticleFilterResult:
         return cls(steps, aux, dynamic_args, *rest)
 
 
+@jax.tree_util.register_pytree_node_class
+class StepChoices:
+    """What `particle_filter(..., history="choices")` keeps of a batch of step traces.
+
+    The parts of the kernel's step traces that do not hold the carry: a step trace's
+    args and return value hold the particle's carry before and after the step (for a
+    language model, its KV caches), and a filter's history of T steps would otherwise
+    keep them for every step. Leading axes B: [T, N] in `step_particles`, [N] in
+    `particles` and one path step per row of `paths()`'s input.
+
+    Fields:
+      choices:     `ChoiceMap` of the step's random choices, leaves [*B, ...].
+      score:       [*B] the step trace's score (its log joint, factors included).
+      values:      dict path -> [*B, ...] the value `trace[path]` reads at each reward,
+                   factor and observed site (deterministic sites are not kept: they may
+                   be the carry).
+      site_scores: dict path -> [*B] each site's log density or log weight
+                   (`ppl.extend.site_scores` of the trace).
+
+    `record[address]` reads a choice or a kept value, as `trace[address]` does. `args`,
+    `retval` and `inner` raise `ArgumentError`: they are what was not kept.
+    """
+
+    def __init__(self, choices: ChoiceMap, score, values: dict, site_scores: dict):
+        self.choices = choices
+        self.score = score
+        self.values = values
+        self.site_scores = site_scores
+
+    @classmethod
+    def of(cls, trace: Trace) -> StepChoices:
+        """The record of one step trace (also under `jax.vmap` over a batch of them)."""
+        scores = site_scores(trace)
+        choices = trace.choices
+        values = {}
+        for path in scores:
+            if path in choices:
+                continue
+            try:
+                values[path] = trace[path]
+            except UnknownAddressError:  # a site a combinator scores but does not name
+                continue
+        return cls(choices, trace.score, values, scores)
+
+    def __getitem__(self, address):
+        path = (address,) if isinstance(address, str) else tuple(address)
+        if path in self.choices:
+            return self.choices[path]
+        if path in self.values:
+            return self.values[path]
+        known = list(self.choices.addresses()) + list(self.values)
+        raise UnknownAddressError(
+            f"{_WHERE}: the history (history='choices') has no value at {format_address(path)}. It keeps "
+            f"the choices {', '.join(format_address(a) for a in self.choices.addresses()) or '(none)'} and the "
+            f"reward / factor / observed values {', '.join(format_address(a) for a in self.values) or '(none)'}."
+            + suggest(path, known) + " Deterministic values and carries are kept with history='traces'.")
+
+    def _missing(self, name):
+        raise ArgumentError(
+            f"{_WHERE}: this result was run with history='choices', which keeps each step's choices, score "
+            f"and reward / factor values but not the step traces' {name} (the carries). Run "
+            "smc.particle_filter(..., history='traces') (the default) to keep whole traces, or use "
+            "result.paths(), which recomputes them.")
+
+    @property
+    def args(self):
+        self._missing("args")
+
+    @property
+    def retval(self):
+        self._missing("retval")
+
+    @property
+    def inner(self):
+        self._missing("inner")
+
+    def __repr__(self):
+        return f"StepChoices(score={self.score!r}, choices={self.choices!r})"
+
+    def tree_flatten(self):
+        return (self.choices, self.score, self.values, self.site_scores), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
 def particle_filter(
     key,
     model: ScanGF,
@@ -174,6 +288,8 @@ def particle_filter(
     ess_threshold: float = 0.5,
     rejuvenation=None,
     is_finished=None,
+    *,
+    history: str = "traces",
 ) -> ParticleFilterResult:
     """Sequential Monte Carlo over the steps of a `ppl.scan` state-space model.
 
@@ -213,6 +329,16 @@ def particle_filter(
         `inference.mh("x")`, `inference.mh_proposal(q)`, `inference.hmc(...)` (step 0's
         particles are moved at the first resampling, the last step's are not moved).
 
+      history: what the result keeps of each step's particles. "traces" (default):
+        the kernel's step traces, [T, N, ...], whose args and return value hold each
+        particle's carry before and after the step. "choices": a `StepChoices` per
+        step, the choices, score and reward / factor / observed values only, not the
+        carries: for a language model whose carry is a KV cache this is most of the
+        memory a run returns. The run itself (weights, ancestors, evidence, choices)
+        is the same bit for bit; `particles` and `step_particles` are then
+        `StepChoices` ([N, ...] and [T, N, ...]), and `paths()` recomputes whole traces
+        by running the model on each path's choices.
+
     Returns a `ParticleFilterResult`: log_marginal [], log_weights [N] (normalized),
     ess [T], ancestors [T, N], resampled [T], degenerate_step [], `particles` (the last
     step's traces, [N, ...]) and `paths()` (whole trajectories, choices [N, T, ...]).
@@ -244,7 +370,8 @@ def particle_filter(
 
     Errors: `ArgumentError` for a model that is not a `ppl.scan`, an `ess_threshold`
     outside [0, 1], an unknown resampling name, a `rejuvenation` that is not an
-    `inference.Kernel` or comes with `ess_threshold=0.0` (which never resamples), an
+    `inference.Kernel` or comes with `ess_threshold=0.0` (which never resamples), a
+    `history` other than "traces" or "choices", an
     `is_finished` that is not a function of the carry returning a boolean scalar (or,
     eagerly, a model that changes a finished particle); `ObservationError` for observations
     whose leading axis is not the number of steps T, or non-finite. Called eagerly, a
@@ -292,6 +419,10 @@ def particle_filter(
         raise ArgumentError(
             f"{_WHERE}: is_finished must be a function of one particle's carry returning a boolean scalar, "
             f"e.g. lambda carry: carry[1] for a carry (x, done); got {type(is_finished).__name__}.")
+    if history not in HISTORIES:
+        raise ArgumentError(
+            f"{_WHERE}: history must be 'traces' (keep every step's traces, carries included) or 'choices' "
+            f"(keep each step's choices, score and reward / factor values only), got {history!r}.")
     num_steps = model.num_steps(args)
     observations = ChoiceMap.of(observations)
     _check_observations(observations, num_steps, model)
@@ -300,7 +431,7 @@ def particle_filter(
     result, status = _particle_filter(
         key, dynamic, observations, static=static, model=model, num_particles=int(num_particles),
         proposal=proposal, resampler=resampler, ess_threshold=ess_threshold, rejuvenation=rejuvenation,
-        is_finished=is_finished,
+        is_finished=is_finished, history=history,
     )
     _raise_if_degenerate(result, status[0])
     _raise_if_unfinished(result, status[1])
@@ -308,9 +439,9 @@ def particle_filter(
 
 
 @functools.partial(jax.jit, static_argnames=("static", "model", "num_particles", "proposal", "resampler",
-                                             "ess_threshold", "rejuvenation", "is_finished"))
+                                             "ess_threshold", "rejuvenation", "is_finished", "history"))
 def _particle_filter(key, dynamic, observations, *, static, model, num_particles, proposal, resampler,
-                     ess_threshold, rejuvenation=None, is_finished=None):
+                     ess_threshold, rejuvenation=None, is_finished=None, history="traces"):
     args = combine(dynamic, static)
     init_carry, xs = args
     num_steps = model.num_steps(args)
@@ -339,7 +470,8 @@ def _particle_filter(key, dynamic, observations, *, static, model, num_particles
         carry = jax.tree.map(lambda c: c[ancestors], carry)
         return carry, jnp.where(do, uniform, log_w), ancestors, do
 
-    flags = []
+    flags = []  # per-leaf is_batched flags of a step's traces and of their StepChoices
+    light = history == "choices"
     observed = tuple(observations.addresses())
     k_rejuvenate = jax.random.fold_in(key, 0x4E7)
 
@@ -374,11 +506,24 @@ def _particle_filter(key, dynamic, observations, *, static, model, num_particles
         return flag
 
     def run_step(t, x, obs, carry):
-        """Every particle through step t: (traces, increments [N], new carries)."""
-        (tr, inc, new_carry), is_batched = _vmap_shared(lambda i, c: advance(i, c, t, x, obs), indices, carry)
-        flags[:] = [is_batched[: len(jax.tree.leaves(tr))]]
+        """Every particle through step t: (traces, increments [N], new carries, and with
+        history="choices" the traces' `StepChoices`, else None)."""
+
+        def one(i, c):
+            tr, inc, new_carry = advance(i, c, t, x, obs)
+            return tr, inc, new_carry, StepChoices.of(tr) if light else None
+
+        (tr, inc, new_carry, record), is_batched = _vmap_shared(one, indices, carry)
+        num_tr, num_record = len(jax.tree.leaves(tr)), len(jax.tree.leaves(record))
+        flags[:] = [is_batched[:num_tr], is_batched[-num_record:] if num_record else ()]
         new_carry = _like_carry(new_carry, carry, model)
-        return tr, jnp.broadcast_to(inc, (n,)), new_carry
+        return tr, jnp.broadcast_to(inc, (n,)), new_carry, record
+
+    def light_history(traces, new_carry):
+        """What the history keeps of a batch of step traces (every leaf batched) with
+        history="choices": their `StepChoices`, and whether each particle has finished."""
+        done = None if is_finished is None else jax.vmap(_finished)(new_carry)
+        return jax.vmap(StepChoices.of)(traces), done
 
     def body(state, inputs):
         carry, log_w, log_z, *extra = state
@@ -401,13 +546,13 @@ def _particle_filter(key, dynamic, observations, *, static, model, num_particles
             done = jax.vmap(_finished)(carry)
             all_done = jnp.all(done)
         if is_finished is None:
-            tr, inc, new_carry = run_step(t, x, obs, carry)
+            tr, inc, new_carry, record = run_step(t, x, obs, carry)
             is_broken = jnp.zeros((), bool)
         else:
             # Every particle finished before this step and one all-masked step already
             # run: reuse its traces (zero score, same carries) instead of the kernel.
             def computed():
-                tr, inc, new_carry = run_step(t, x, obs, carry)
+                tr, inc, new_carry, _ = run_step(t, x, obs, carry)
                 return _broadcast_batch(tr, flags[0], n), inc, new_carry
 
             skip = all_done & has_saved
@@ -428,9 +573,13 @@ def _particle_filter(key, dynamic, observations, *, static, model, num_particles
             if is_finished is None:  # (with it, `computed` broadcast them already)
                 tr = _broadcast_batch(tr, flags[0], n)
             new_state += (tr,)
-            out = moved
-        else:
+            out = light_history(moved, model._split_retval(moved.retval)[0]) if light else moved
+        elif not light:
             out = tr
+        elif is_finished is None:
+            out = (record, None)  # leaves shared by every particle stay unbatched (flags[1])
+        else:
+            out = light_history(tr, new_carry)
         if is_finished is not None:
             new_state += (saved, has_saved)
         return new_state, (out, ancestors, ess, did, is_dead | is_bad, log_w, is_broken)
@@ -464,14 +613,22 @@ def _particle_filter(key, dynamic, observations, *, static, model, num_particles
     degenerate_step = jnp.where(jnp.any(degenerate), jnp.argmax(degenerate), -1).astype(jnp.int32)
     broken_step = jnp.where(jnp.any(broken), jnp.argmax(broken), -1).astype(jnp.int32)
     if rejuvenation is not None:
-        steps, ancestors, step_log_w = _rejuvenated_history(steps, last[0], ancestors, resampled, step_log_w)
-    if rejuvenation is not None or is_finished is not None:
-        flags[:] = [(True,) * len(flags[0])]
+        final = last[0]
+        if light:
+            final = light_history(final, model._split_retval(final.retval)[0])
+        steps, ancestors, step_log_w = _rejuvenated_history(steps, final, ancestors, resampled, step_log_w)
     finished = None
-    if is_finished is not None:
-        new_carries = model._split_retval(steps.retval)[0]
-        finished = jax.vmap(jax.vmap(_finished))(new_carries)
-    aux = (model, static, tuple(flags[0]))
+    if light:
+        steps, finished = steps
+        is_batched = flags[1]
+    else:
+        is_batched = flags[0]
+        if is_finished is not None:
+            new_carries = model._split_retval(steps.retval)[0]
+            finished = jax.vmap(jax.vmap(_finished))(new_carries)
+    if rejuvenation is not None or is_finished is not None:
+        is_batched = (True,) * len(jax.tree.leaves(steps))
+    aux = (model, static, tuple(is_batched))
     result = ParticleFilterResult(steps, aux, dynamic, log_z, log_w, ess, ancestors, resampled,
                                   degenerate_step, step_log_w, finished)
     return result, (degenerate_step, broken_step)
@@ -541,7 +698,10 @@ def _raise_if_degenerate(result: ParticleFilterResult, status) -> None:
     model, n = result.model, result.num_particles
     leaves, treedef = jax.tree.flatten(result._steps)
     step_trace = jax.tree.unflatten(treedef, [leaf[t] for leaf in leaves])
-    scores = [(a, np.asarray(s)) for a, s in model.kernel._site_scores(step_trace, ())]
+    if isinstance(step_trace, StepChoices):
+        scores = [(a, np.asarray(s)) for a, s in step_trace.site_scores.items()]
+    else:
+        scores = [(a, np.asarray(s)) for a, s in model.kernel._site_scores(step_trace, ())]
     nan = [format_address(a) for a, s in scores if np.isnan(s).any()]
     posinf = [format_address(a) for a, s in scores if np.isposinf(s).any()]
     dead = [format_address(a) for a, s in scores if np.all(np.isneginf(s))]

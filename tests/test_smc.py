@@ -292,6 +292,81 @@ def test_resamplers_shapes_zero_weights_and_jit():
 # -- errors -----------------------------------------------------------------------------------
 
 
+# -- history="choices": the same run without the carries ----------------------------------------
+
+BUFFER = 7  # a carry leaf no choice has the shape of: the last BUFFER states
+
+
+@ppl.gen
+def buffered_step(carry, _):
+    x_prev, recent, done = carry
+    x, stop = ppl.sample("s", ppl.mask(buffered_move), ~done, x_prev)
+    x = jnp.where(done, x_prev, x)
+    recent = jnp.where(done, recent, jnp.roll(recent, 1).at[0].set(x))
+    return (x, recent, done | stop), x
+
+
+@ppl.gen
+def buffered_move(x_prev):
+    x = ppl.sample("x", dist.Normal(A * x_prev, Q))
+    ppl.sample("y", dist.Normal(x, R))
+    ppl.factor("recent", -0.1 * x**2)
+    return x, ppl.sample("stop", dist.Bernoulli(probs=0.05)).astype(bool)
+
+
+BUFFERED = ppl.scan(buffered_step, length=T)
+BUFFERED_ARGS = ((jnp.float32(0.0), jnp.zeros(BUFFER), jnp.bool_(False)), None)
+BUFFERED_OBS = {"s": {"y": YS}}
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"ess_threshold": 1.0, "resampling": "multinomial", "is_finished": lambda c: c[2]},
+    {"ess_threshold": 1.0, "rejuvenation": inference.mh(("s", "x"))},
+], ids=["plain", "is_finished", "rejuvenation"])
+def test_choices_history_is_the_same_run_without_carries(options):
+    full = smc.particle_filter(jax.random.key(8), BUFFERED, BUFFERED_ARGS, BUFFERED_OBS, 24, **options)
+    light = smc.particle_filter(jax.random.key(8), BUFFERED, BUFFERED_ARGS, BUFFERED_OBS, 24, history="choices",
+                                **options)
+    assert (full.history, light.history) == ("traces", "choices")
+    # the same run, bit for bit
+    for name in ("log_marginal", "log_weights", "ancestors", "ess", "resampled", "step_log_weights"):
+        np.testing.assert_array_equal(getattr(light, name), getattr(full, name), err_msg=name)
+    if "is_finished" in options:
+        np.testing.assert_array_equal(light.is_finished, full.is_finished)
+        assert light.is_finished.any()  # some particles did stop
+    else:
+        assert light.is_finished is None
+    steps, kept = full.step_particles, light.step_particles
+    jax.tree.map(np.testing.assert_array_equal, kept.choices, steps.choices)
+    np.testing.assert_array_equal(kept.score, steps.score)
+    np.testing.assert_array_equal(kept[("s", "recent")], steps[("s", "recent")])  # factor values are kept
+    np.testing.assert_array_equal(light.particles[("s", "x")], full.particles[("s", "x")])
+    # no carry: every kept leaf is a choice, a score or a factor value ([T, N] or [T]),
+    # none has the carry buffer's shape; the full history holds it (args and retval)
+    assert all(leaf.shape in ((T, 24), (T,)) for leaf in jax.tree.leaves(light._steps))
+    assert any(leaf.shape[-1:] == (BUFFER,) for leaf in jax.tree.leaves(full._steps))
+    # paths(): the same trajectories, recomputed from the choices
+    a, b = full.paths(), light.paths()
+    jax.tree.map(np.testing.assert_array_equal, b.choices, a.choices)
+    np.testing.assert_array_equal(b.retval[0][1], a.retval[0][1])  # the final buffers
+    np.testing.assert_allclose(b.score, a.score, rtol=1e-5, atol=1e-4)
+
+
+def test_choices_history_errors_name_the_option():
+    light = smc.particle_filter(jax.random.key(0), MODEL, ARGS, {"y": YS}, 8, history="choices")
+    with pytest.raises(ppl.ArgumentError, match="history='choices'.*history='traces'"):
+        light.particles.retval
+    with pytest.raises(ppl.ArgumentError, match="history='traces'"):
+        smc.backward_simulation(jax.random.key(1), light, 4)
+    with pytest.raises(ppl.UnknownAddressError, match="no value at 'z'.*Did you mean"):
+        light.particles["z"]
+    with pytest.raises(ppl.ArgumentError, match="history must be 'traces'.*'choices'"):
+        smc.particle_filter(jax.random.key(0), MODEL, ARGS, {"y": YS}, 8, history="carries")
+    # the result is a pytree (through jit), with its history kind
+    assert jax.jit(lambda r: r)(light).history == "choices"
+
+
 def test_error_model_not_a_scan():
     with pytest.raises(ppl.ArgumentError, match=r"ppl\.scan\(kernel, length=T\)"):
         smc.particle_filter(jax.random.key(0), lgss_step, (0.0, None), {"y": YS}, 10)
@@ -325,8 +400,9 @@ def boxed_step(x_prev, _):
 def test_error_all_weights_dead_names_step_and_site():
     model = ppl.scan(boxed_step, length=10)
     ys = jnp.zeros(10).at[7].set(100.0)  # no particle can reach y = 100 at step 7
-    with pytest.raises(ppl.InferenceError, match=r"at step 7 .*all 20 particles have log weight -inf.*'y'"):
-        smc.particle_filter(jax.random.key(0), model, (0.0, None), {"y": ys}, 20)
+    for history in ("traces", "choices"):
+        with pytest.raises(ppl.InferenceError, match=r"at step 7 .*all 20 particles have log weight -inf.*'y'"):
+            smc.particle_filter(jax.random.key(0), model, (0.0, None), {"y": ys}, 20, history=history)
     # Under jit: no exception, no NaN; the step is reported in the result.
     res = jax.jit(lambda k: smc.particle_filter(k, model, (0.0, None), {"y": ys}, 20))(jax.random.key(0))
     assert int(res.degenerate_step) == 7
