@@ -14,16 +14,27 @@ stderr, LM step calls, generated tokens, seconds (the run, compile included once
 shape), to stdout and examples/out/llm_scaling.jsonl; curves to
 examples/out/llm_scaling.png (llm_scaling_quick.* with --quick).
 
-Part 2, throughput. The fully jitted particle filter (one program: every step, the
-resampling and the KV-cache gathers inside one `lax.scan`, problems vmapped) against
-the same filter driven as its_hub drives it: a Python loop of per-step jitted calls
-(one LM step + PRM for the particles), weights brought to the host, multinomial
-resampling in numpy, then a jitted gather of the carries (KV caches). Tokens per second
-(after compilation), and the share of the step time spent gathering caches.
+Part 2, throughput. The fully jitted particle filter (its_hub's configuration, learned
+PRM) as the methods run it (one program per chunk of problems: every step, the
+resampling and the KV-cache gathers inside one `lax.scan`), in both layouts (problems
+one after another in the program, or problems x particles as one population for the
+policy), against the filter driven as its_hub drives it: a Python loop of per-step
+jitted calls (one LM step + PRM for the particles), weights brought to the host,
+multinomial resampling in numpy, then a jitted gather of the carries (KV caches); and
+its_hub's text-state architecture (no cache kept across steps). Tokens per second (after
+compilation, best of repeats interleaved in one process: the ratios are from one run),
+and the share of the step time spent gathering caches.
 
-Part 3, memory of the stored history: the filter keeps every step's kernel traces
-([T, N, ...]), whose args and return value hold the particle's carry: LM and PRM KV
-caches before and after each step.
+Part 3, memory. What a direct `smc.particle_filter` call returns and needs with
+`history="traces"` (every step's kernel traces, whose args and return value hold the
+LM and PRM KV caches before and after each step) and `history="choices"` (choices and
+rewards only): bytes of the history, and XLA's memory analysis of the compiled call; and
+of a method's jitted program.
+
+Part 4, reward temperature. Particle filtering at a fixed N against beta (the target
+p(steps) r(prefix)^beta), with both PRMs, read by weighted vote and by the best weight.
+
+    python benchmarks/llm_scaling.py --parts throughput,memory    # a subset of the parts
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import smc  # noqa: E402
 import smc.llm as llm  # noqa: E402
+from smc.llm import _methods as llm_methods  # noqa: E402
 from smc.llm import task  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "out")  # ignored by git
@@ -293,30 +305,49 @@ def _host_programs(kernel, reward, b, n):
     return _HOST[key]
 
 
-def throughput(b, problems, sizes, sink):
+def throughput(b, problems, sizes, sink, repeats=3):
+    """Tokens per second of four drivers of the same its_hub-style filter (learned PRM), each
+    the best of `repeats` timed runs after a compiling one, all in this process: the jitted
+    method in its two layouts (problems one after another in a call, the default; problems
+    x particles as one population), the per-step host loop, and the text-state host loop.
+    (its_hub's filter runs every step in the jitted program; the host loops stop once every
+    particle has finished, as its_hub does.)"""
     reward = llm.learned_prm(b.prm.model)
     rows = []
     for n in sizes:
-        # warm up (compile) on one problem, then time
-        llm.its_hub_particle_filtering(jax.random.key(0), b.step, reward, problems, n)
+        def jitted(layout):
+            t0 = time.perf_counter()
+            res = llm.its_hub_particle_filtering(jax.random.key(1), b.step, reward, problems, n, layout=layout)
+            return int(res.tokens.sum()), time.perf_counter() - t0
+
+        drivers = {
+            "per_problem": lambda: jitted("per_problem"),
+            "population": lambda: jitted("population"),
+            "host_loop": lambda: host_loop_filter(b, reward, problems, n, seed=1)[:2],
+            "its_hub_text": lambda: host_text_filter(b, problems, n, seed=1),
+        }
+        for layout in llm_methods.LAYOUTS:  # compile
+            llm.its_hub_particle_filtering(jax.random.key(0), b.step, reward, problems, n, layout=layout)
         host_loop_filter(b, reward, problems[:1], n)
-        t0 = time.perf_counter()
-        res = llm.its_hub_particle_filtering(jax.random.key(1), b.step, reward, problems, n)
-        jitted_s = time.perf_counter() - t0
-        jitted_tokens = int(res.tokens.sum())
-        host_tokens, host_s, gather_s = host_loop_filter(b, reward, problems, n, seed=1)
         host_text_filter(b, problems[:1], n)
-        text_tokens, text_s = host_text_filter(b, problems, n, seed=1)
-        jit_gather_share = _jitted_gather_share(b, reward, problems, n, jitted_s)
+        best = {}
+        for _ in range(repeats):  # interleaved, so that the machine's load hits every driver alike
+            for name, run in drivers.items():
+                tokens, seconds = run()
+                if name not in best or seconds < best[name][1]:
+                    best[name] = (tokens, seconds)
+        rate = {name: tokens / seconds for name, (tokens, seconds) in best.items()}
+        gather_s = host_loop_filter(b, reward, problems, n, seed=1)[2]
         row = {"case": "throughput", "num_particles": n, "problems": problems.num_problems,
-               "jitted_tokens_per_s": round(jitted_tokens / jitted_s, 1),
-               "host_loop_tokens_per_s": round(host_tokens / host_s, 1),
-               "ratio": round((jitted_tokens / jitted_s) / (host_tokens / host_s), 2),
-               "its_hub_text_tokens_per_s": round(text_tokens / text_s, 1),
-               "ratio_vs_its_hub_text": round((jitted_tokens / jitted_s) / (text_tokens / text_s), 2),
-               "jitted_seconds": round(jitted_s, 3), "host_loop_seconds": round(host_s, 3),
-               "host_loop_gather_share": round(gather_s / host_s, 3),
-               "jitted_gather_share": round(jit_gather_share, 3)}
+               "population_rows": min(problems.num_problems, max(1, llm_methods.POPULATION_ROWS // n)) * n,
+               **{f"{name}_tokens_per_s": round(r, 1) for name, r in rate.items()},
+               "ratio_vs_host_loop": round(rate["per_problem"] / rate["host_loop"], 2),
+               "ratio_vs_its_hub_text": round(rate["per_problem"] / rate["its_hub_text"], 2),
+               "ratio_population_vs_host_loop": round(rate["population"] / rate["host_loop"], 2),
+               "ratio_population_vs_per_problem": round(rate["population"] / rate["per_problem"], 2),
+               **{f"{name}_seconds": round(seconds, 3) for name, (_, seconds) in best.items()},
+               "host_loop_gather_share": round(gather_s / best["host_loop"][1], 3),
+               "jitted_gather_share": round(_jitted_gather_share(b, reward, problems, n), 3)}
         emit(row, sink)
         rows.append(row)
     return rows
@@ -326,7 +357,7 @@ def _identity_resampler(key, log_weights, n):
     return jnp.arange(n, dtype=jnp.int32)
 
 
-def _jitted_gather_share(b, reward, problems, n, jitted_s):
+def _jitted_gather_share(b, reward, problems, n):
     """Share of the jitted run spent resampling and gathering the carries: the its_hub
     configuration with a resampler that keeps every particle (the filter still gathers
     every carry before every step) against the same run that never resamples (no gather);
@@ -348,43 +379,117 @@ def _jitted_gather_share(b, reward, problems, n, jitted_s):
 # -- part 3 --------------------------------------------------------------------------------------------
 
 
-def history_memory(b, n, sink):
+def history_memory(b, n, sink, num_problems=4):
+    """What a run keeps and needs, for one problem with the learned PRM at N particles.
+
+    A direct `smc.particle_filter` call with each `history`: the bytes of the returned
+    history, and XLA's memory analysis of the compiled call (output and temporary
+    buffers). And a method's jitted program (`particle_filtering`) on `num_problems`
+    problems, in each layout."""
     reward = llm.learned_prm(b.prm.model)
     model = llm.reasoning_model(b.step, reward, b.num_steps)
-    problem = llm.encode_problems(task.sample_problems(0, 1))[0]
+    problems = llm.encode_problems(task.sample_problems(0, num_problems))
+    problem = problems[0]
     carry = llm.init_carry(b.step, reward, problem, b.cache_size)
-    shapes = jax.eval_shape(lambda c: smc.particle_filter(jax.random.key(0), model, (c, problem.expected), {}, n,
-                                                          is_finished=llm.is_finished)._steps, carry)
-    history = sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
     one_carry = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(carry))
-    row = {"case": "history_memory", "num_particles": n, "num_steps": b.num_steps,
-           "history_bytes_per_problem": int(history), "carry_bytes_per_particle": int(one_carry),
-           "carries_per_particle_step": round(history / (n * b.num_steps * one_carry), 2)}
-    emit(row, sink)
-    return row
+    rows = []
+    for history in ("traces", "choices"):
+        def run(c, h=history):
+            return smc.particle_filter(jax.random.key(0), model, (c, problem.expected), {}, n,
+                                       is_finished=llm.is_finished, history=h)
+
+        kept = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(run, carry)._steps))
+        memory = jax.jit(run).lower(carry).compile().memory_analysis()
+        row = {"case": "history_memory", "history": history, "num_particles": n, "num_steps": b.num_steps,
+               "history_bytes_per_problem": int(kept), "carry_bytes_per_particle": int(one_carry),
+               "carries_per_particle_step": round(kept / (n * b.num_steps * one_carry), 3),
+               **_memory_fields(memory)}
+        emit(row, sink)
+        rows.append(row)
+    config = llm_methods._Config("filter", b.step, reward, b.num_steps, n, 1.0, "log", "ratio", "systematic", 0.5,
+                                 None, b.cache_size, 1, None)
+    keys = jax.random.split(jax.random.key(0), num_problems)
+    for layout in llm_methods.LAYOUTS:
+        memory = llm_methods._run_chunk.lower(keys, problems, config, layout).compile().memory_analysis()
+        row = {"case": "method_memory", "method": "particle_filtering", "layout": layout, "num_particles": n,
+               "problems_per_call": num_problems, **_memory_fields(memory)}
+        emit(row, sink)
+        rows.append(row)
+    return rows
+
+
+def _memory_fields(memory):
+    if memory is None:  # a backend without memory analysis
+        return {}
+    return {"compiled_output_bytes": int(memory.output_size_in_bytes),
+            "compiled_temp_bytes": int(memory.temp_size_in_bytes),
+            "compiled_argument_bytes": int(memory.argument_size_in_bytes)}
+
+
+# -- part 4 --------------------------------------------------------------------------------------------
+
+
+def beta_sweep(b, problems, betas, n, sink, seed=0):
+    """Accuracy of particle filtering against the reward temperature beta at N particles,
+    with both PRMs: the target is p(steps) * r(prefix)^beta ("ratio" weighting, log link),
+    so beta = 0 ignores the PRM and a large beta trusts it completely. The same run is
+    read with both selections (weighted majority vote and the best final weight)."""
+    rewards = {"learned": llm.learned_prm(b.prm.model), "checker": llm.step_checker(fp=0.1, fn=0.05)}
+    rows = []
+    for prm_name, reward in rewards.items():
+        key = jax.random.fold_in(jax.random.key(seed), 7 + len(prm_name))
+        for beta in betas:
+            t0 = time.perf_counter()
+            res = llm.particle_filtering(key, b.step, reward, problems, n, beta=beta, selection="vote")
+            seconds = time.perf_counter() - t0
+            argmax = res._replace(answer=llm.select_answer(res.answers, res.log_weights, "argmax"))
+            for method, r in (("pf_vote", res), ("pf_argmax", argmax)):
+                row = {"case": "beta_sweep", "method": method, "prm": prm_name, "beta": beta, "budget": n,
+                       "accuracy": round(r.accuracy, 4), "stderr": round(r.stderr, 4),
+                       "tokens": int(r.tokens.sum()), "seconds": round(seconds, 2), "problems": len(r.truth)}
+                emit(row, sink)
+                rows.append(row)
+    return rows
+
+
+PARTS = ("accuracy", "throughput", "memory", "beta")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--problems", type=int, default=None)
-    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--skip-accuracy", action="store_true", help="same as leaving 'accuracy' out of --parts")
+    parser.add_argument("--name", default=None, help="output file stem in examples/out (default llm_scaling, "
+                                                     "llm_scaling_quick with --quick)")
     args = parser.parse_args(argv)
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    unknown = parts - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part(s) {sorted(unknown)}; choose from {PARTS}")
+    if args.skip_accuracy:
+        parts.discard("accuracy")
     os.makedirs(OUT, exist_ok=True)
     b = llm.builtin()
     num = args.problems or (40 if args.quick else 200)
     problems = llm.encode_problems(task.sample_problems(0, num))
     budgets = (2, 8) if args.quick else (1, 2, 4, 8, 16, 32, 64)
     t0 = time.perf_counter()
-    name = "llm_scaling_quick" if args.quick else "llm_scaling"
+    name = args.name or ("llm_scaling_quick" if args.quick else "llm_scaling")
     with open(os.path.join(OUT, name + ".jsonl"), "w") as sink:
-        if not args.skip_accuracy:
+        if "accuracy" in parts:
             rows = accuracy_vs_budget(b, problems, budgets, sink)
             plot(rows, os.path.join(OUT, name + ".png"))
         sizes = (16,) if args.quick else (16, 64)
-        throughput(b, problems[: (8 if args.quick else 50)], sizes, sink)
-        for n in sizes:
-            history_memory(b, n, sink)
+        if "throughput" in parts:
+            throughput(b, problems[: (8 if args.quick else 50)], sizes, sink, repeats=2 if args.quick else 3)
+        if "memory" in parts:
+            for n in sizes:
+                history_memory(b, n, sink)
+        if "beta" in parts:
+            betas = (1.0, 4.0) if args.quick else (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+            beta_sweep(b, problems, betas, 8 if args.quick else 16, sink)
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from jax.extend.core import jaxprs_in_params
 
 import ppl
 import smc
@@ -120,6 +121,22 @@ def test_budget_counts_what_was_generated(b, problems):
     np.testing.assert_array_equal(sc.answer, llm.select_answer(bon.answers, bon.log_weights, "majority"))
 
 
+def test_results_do_not_depend_on_chunk_or_layout(b, problems):
+    # Particle keys come from the problem's index: the 24 problems as one population, or
+    # 7 per call one after another (the last call padded), give what one call with all 24
+    # one after another gives (the checker's rewards are exact, so bit for bit).
+    checker = llm.step_checker()
+    whole = llm.particle_filtering(jax.random.key(1), b.step, checker, problems, N)
+    for kw in ({"chunk": 7}, {"layout": "population"}):
+        other = llm.particle_filtering(jax.random.key(1), b.step, checker, problems, N, **kw)
+        for name in ("answers", "log_weights", "final_tokens", "step_rewards", "slot_calls", "slot_tokens"):
+            np.testing.assert_array_equal(getattr(other, name), getattr(whole, name), err_msg=f"{kw} {name}")
+    with pytest.raises(ppl.ArgumentError, match="chunk must be an int >= 1"):
+        llm.particle_filtering(jax.random.key(1), b.step, checker, problems, N, chunk=0)
+    with pytest.raises(ppl.ArgumentError, match="layout must be one of"):
+        llm.best_of_n(jax.random.key(1), b.step, checker, problems, N, layout="batched")
+
+
 def _num_steps(text: str) -> int:
     count, current = 0, 0
     for c in text:
@@ -165,6 +182,83 @@ def test_a_resampled_particle_continues_as_its_ancestor(b, problems):
     previous_reward = steps.args[0].reward[t, j]
     assert tr_score is None or np.isclose(float(tr_score), float(lp + jnp.log(rewards) - jnp.log(previous_reward)),
                                           atol=1e-4)
+
+
+# -- what the methods keep: choices and rewards, no KV caches ---------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["its_hub", "ratio"])
+def test_methods_read_from_the_choices_what_the_carries_say(b, problems, method):
+    # The methods run the filter with history="choices" and rebuild each final particle's
+    # text from its lineage's step tokens. Run the same filters directly with whole traces
+    # (same keys: problem i draws under fold_in(key, i)) and read the carries instead.
+    checker = llm.step_checker(fp=0.1, fn=0.05)
+    key = jax.random.key(21)
+    if method == "its_hub":
+        res = llm.its_hub_particle_filtering(key, b.step, checker, problems[:6], N)
+        options = dict(link="logit", weighting="current")
+        run = dict(resampling="multinomial", ess_threshold=1.0)
+    else:
+        res = llm.particle_filtering(key, b.step, checker, problems[:6], N, ess_threshold=1.0)
+        options, run = {}, dict(ess_threshold=1.0, is_finished=llm.is_finished)
+    model = llm.reasoning_model(b.step, checker, b.num_steps, **options)
+    link = options.get("link", "log")
+    for i in range(6):
+        problem = problems[i]
+        args = (llm.init_carry(b.step, checker, problem, link=link), problem.expected)
+        full = smc.particle_filter(jax.random.fold_in(key, i), model, args, {}, N, **run)
+        steps = full.step_particles
+        after, before = steps.retval[0], steps.args[0]
+        done = np.asarray(after.lm.is_finished)  # [T, N] finished after step t
+        t = int(np.argmax(done.all(1))) if method == "its_hub" and done.all(1).any() else b.num_steps - 1
+        np.testing.assert_array_equal(res.final_tokens[i], after.lm.tokens[t])
+        np.testing.assert_array_equal(res.final_rewards[i], after.reward[t])
+        np.testing.assert_array_equal(res.log_weights[i], full.step_log_weights[t])
+        np.testing.assert_array_equal(res.slot_calls[i], (~np.asarray(before.lm.is_finished)).sum(0))
+        assert 0 < t and np.asarray(full.resampled).any()
+        # the same run with history="choices": same weights and genealogy, no cache kept
+        light = smc.particle_filter(jax.random.fold_in(key, i), model, args, {}, N, history="choices", **run)
+        np.testing.assert_array_equal(light.ancestors, full.ancestors)
+        np.testing.assert_array_equal(light.step_log_weights, full.step_log_weights)
+        np.testing.assert_array_equal(light.step_particles["step"], steps["step"])
+        cache_shape = after.lm.cache.keys.shape[2:]
+        assert not any(leaf.shape[-len(cache_shape):] == cache_shape for leaf in jax.tree.leaves(light._steps))
+        assert sum(leaf.nbytes for leaf in jax.tree.leaves(light._steps)) < 0.01 * sum(
+            leaf.nbytes for leaf in jax.tree.leaves(full._steps))
+
+
+def test_population_step_is_one_token_loop_over_every_row(b, problems):
+    # Problems x particles under two vmaps: the population step draws what the plain step
+    # draws, row by row, in one while loop whose rows are all P * N particles.
+    pstep = llm.population_step(b.step)
+    assert llm.population_step(b.step) is pstep and llm.population_step(pstep) is pstep
+    p, n = 3, 5
+
+    def draw(step):
+        def per_problem(key, problem):
+            state = init_state(step.model, problem.prompt, b.cache_size, prompt_length=problem.prompt_length)
+            return jax.vmap(lambda i: step.sample(ppl.particle_key(key, i), state))(jnp.arange(n))
+        return jax.vmap(per_problem)
+
+    keys = jax.random.split(jax.random.key(9), p)
+    (s_pop, tok_pop, lp_pop), (s, tok, lp) = (jax.jit(draw(st))(keys, problems[:p]) for st in (pstep, b.step))
+    np.testing.assert_array_equal(tok_pop, tok)
+    np.testing.assert_array_equal(s_pop.tokens, s.tokens)
+    np.testing.assert_allclose(lp_pop, lp, atol=1e-5)
+    assert tok.shape == (p, n, b.step.max_step_len) and (tok[:, :, 0] >= 0).all()
+
+    def while_row_counts(jaxpr):
+        counts = []
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "while":
+                counts.append({v.aval.shape[0] for v in eqn.outvars if v.aval.ndim == 2 and v.aval.shape[1] ==
+                               b.cache_size})
+            for sub in jaxprs_in_params(eqn.params):
+                counts += while_row_counts(sub)
+        return counts
+
+    loops = while_row_counts(jax.make_jaxpr(draw(pstep))(keys, problems[:p]).jaxpr)
+    assert loops == [{p * n}]  # one loop, carrying the tokens [P * N, S] of every row
 
 
 # -- the weightings -------------------------------------------------------------------------------------
@@ -276,7 +370,8 @@ def test_argument_errors(b, problems):
         llm.builtin("/nonexistent")
 
 
-@pytest.mark.parametrize("name", ["smc.llm._rewards", "smc.llm._methods", "smc.llm._builtin", "smc.llm._model"])
+@pytest.mark.parametrize("name", ["smc.llm._rewards", "smc.llm._methods", "smc.llm._builtin", "smc.llm._model",
+                                  "smc.llm._population"])
 def test_docstring_examples(name):
     globs = {"jax": jax, "jnp": jnp, "ppl": ppl, "smc": smc}
     failures, attempted = doctest.testmod(importlib.import_module(name), extraglobs=globs, verbose=False)

@@ -11,7 +11,8 @@ particle Gibbs) run on the same model at the same budget and return one `SearchR
 - Rewards: `ProcessReward` (`init`, `score` pure functions), `flat_reward`,
   `step_checker` (programmatic, with calibrated deterministic noise), `learned_prm`,
   `stateless`.
-- Model: `reasoning_model`, `ReasoningCarry`, `init_carry`, `is_finished`.
+- Model: `reasoning_model`, `ReasoningCarry`, `init_carry`, `is_finished`;
+  `population_step` (a policy step that batches problems x particles as one set of rows).
 - Methods: `particle_filtering`, `its_hub_particle_filtering`, `best_of_n`,
   `self_consistency`, `beam_search`, `particle_gibbs`; `SearchResult`,
   `select_answer`, `answers_from_tokens`, `top_k_resampler`.
@@ -22,12 +23,13 @@ from ._builtin import BUILTIN_FOLDER, Builtin, ProblemBatch, builtin, encode_pro
 from ._methods import (SearchResult, answers_from_tokens, beam_search, best_of_n, its_hub_particle_filtering,
                        particle_filtering, particle_gibbs, select_answer, self_consistency, top_k_resampler)
 from ._model import WEIGHTINGS, ReasoningCarry, init_carry, is_finished, reasoning_model
+from ._population import PopulationStep, population_step
 from ._rewards import ProcessReward, flat_reward, learned_prm, stateless, step_checker
 
 __all__ = [
     "task", "builtin", "Builtin", "BUILTIN_FOLDER", "ProblemBatch", "encode_problems",
     "ProcessReward", "flat_reward", "step_checker", "learned_prm", "stateless",
-    "reasoning_model", "ReasoningCarry", "init_carry", "is_finished", "WEIGHTINGS",
+    "reasoning_model", "ReasoningCarry", "init_carry", "is_finished", "WEIGHTINGS", "population_step", "PopulationStep",
     "SearchResult", "particle_filtering", "its_hub_particle_filtering", "best_of_n", "self_consistency",
     "beam_search", "particle_gibbs", "select_answer", "answers_from_tokens", "top_k_resampler",
 ]

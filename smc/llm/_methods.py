@@ -1,9 +1,13 @@
 """Inference-time scaling methods over the reasoning model, at a budget of N particles.
 
-Every method runs one jitted program per chunk of problems (`lax.map` over the
-problems of a `ProblemBatch`, each problem one `smc.particle_filter` or `smc.csmc` run
-over `reasoning_model`), and returns a `SearchResult`: every particle's answer and final
-weight, the chosen answer, and the budget spent.
+Every method runs one jitted program per chunk of problems and returns a `SearchResult`:
+every particle's answer and final weight, the chosen answer, and the budget spent. Each
+problem is one `smc.particle_filter` (or `smc.csmc`) run over `reasoning_model`, its
+particles resampling among themselves; `layout` says how a chunk's problems share the
+program: one after another ("per_problem", `lax.map`) or as one population of problems x
+particles ("population", `jax.vmap` over problems, the policy's step drawn for every row
+in one token loop by `population_step`). The filter keeps each step's choices and
+rewards only (`history="choices"`), not the KV caches.
 
 - `particle_filtering`: SMC with the PRM as likelihood ("ratio" weighting: a particle's
   weight is beta * link(PRM score of its current prefix)); the answer by weighted
@@ -39,13 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppl import ArgumentError, InferenceError
+from ppl.extend import check_count
 from ppl.lm import LMStep
 
 from .._csmc import csmc
-from .._filter import particle_filter
+from .._filter import _lineage, particle_filter
 from . import _task as task
 from ._builtin import ProblemBatch
-from ._model import ReasoningCarry, init_carry, is_finished, reasoning_model
+from ._model import init_carry, is_finished, reasoning_model
+from ._population import population_step
 from ._rewards import ProcessReward
 from .train import CACHE_SIZE, NUM_STEPS
 
@@ -53,6 +59,11 @@ __all__ = ["SearchResult", "particle_filtering", "its_hub_particle_filtering", "
            "beam_search", "particle_gibbs", "top_k_resampler", "answers_from_tokens", "select_answer"]
 
 SELECTIONS = ("vote", "argmax", "majority")
+LAYOUTS = ("per_problem", "population")
+# Particles (problems x particles) per jitted call with layout="population" when `chunk`
+# is not given, and problems per call with layout="per_problem".
+POPULATION_ROWS = 256
+PER_PROBLEM_CHUNK = 50
 AGGREGATES = ("last", "min", "product", "mean")
 
 
@@ -127,7 +138,8 @@ class SearchResult(NamedTuple):
 def particle_filtering(key, step: LMStep, reward: ProcessReward, problems: ProblemBatch, num_particles: int, *,
                        beta: float = 1.0, link: str = "log", weighting: str = "ratio", resampling="systematic",
                        ess_threshold: float = 0.5, proposal=None, selection: str = "vote",
-                       num_steps: int = NUM_STEPS, cache_size: int = CACHE_SIZE, chunk: int = 50) -> SearchResult:
+                       num_steps: int = NUM_STEPS, cache_size: int = CACHE_SIZE, chunk: int | None = None,
+                       layout: str = "per_problem") -> SearchResult:
     """Particle filtering of the reasoning process with `reward` as likelihood.
 
     One `smc.particle_filter` run per problem over `reasoning_model(step, reward,
@@ -137,9 +149,20 @@ def particle_filtering(key, step: LMStep, reward: ProcessReward, problems: Probl
     itself). Finished particles keep their weight (passed as `is_finished` unless
     `weighting="current"`, whose finished particles keep adding their final reward).
     `selection`: "vote" (weighted majority vote over answers), "argmax" (the best final
-    weight among answered particles), "majority" (unweighted). Problems are run `chunk`
-    at a time, each chunk one jitted call (problems mapped, particles vectorized); particle keys come from `key` and the problem's index, so
-    results do not depend on `chunk`.
+    weight among answered particles), "majority" (unweighted).
+
+    Problems are run `chunk` at a time, each chunk one jitted call, laid out by `layout`
+    (every method takes both): "per_problem" (default; chunk 50) runs the chunk's
+    problems one after another inside the call, particles vectorized, and a problem
+    whose particles have all finished skips its remaining steps; "population" (chunk:
+    about `POPULATION_ROWS` particles) makes the chunk's problems x particles one
+    population, each problem resampling among its own particles and the policy drawing
+    every particle's step in one token loop (`population_step`), at the price of running
+    every problem for every step. On a 2-core CPU with the built-in models
+    "per_problem" is the faster (the step's arithmetic dominates, and the skipped steps
+    count); wider batches are what an accelerator gains from. Particle keys come from
+    `key` and the problem's index, so results depend on neither `chunk` nor `layout` (up
+    to float rounding, which batches of other sizes can change).
 
     >>> from smc.llm import builtin, encode_problems, step_checker
     >>> b = builtin()
@@ -150,7 +173,7 @@ def particle_filtering(key, step: LMStep, reward: ProcessReward, problems: Probl
     """
     config = _Config("filter", step, reward, num_steps, _check_n(num_particles), float(beta), link, weighting,
                      resampling, float(ess_threshold), proposal, cache_size, 1, None)
-    return _run(key, config, problems, selection, chunk, f"pf[{weighting},{link},{selection}]")
+    return _run(key, config, problems, selection, chunk, layout, f"pf[{weighting},{link},{selection}]")
 
 
 def its_hub_particle_filtering(key, step: LMStep, reward: ProcessReward, problems: ProblemBatch,
@@ -169,7 +192,7 @@ def its_hub_particle_filtering(key, step: LMStep, reward: ProcessReward, problem
 
 def best_of_n(key, step: LMStep, reward: ProcessReward, problems: ProblemBatch, n: int, *,
               aggregate: str = "last", selection: str = "argmax", num_steps: int = NUM_STEPS,
-              cache_size: int = CACHE_SIZE, chunk: int = 50) -> SearchResult:
+              cache_size: int = CACHE_SIZE, chunk: int | None = None, layout: str = "per_problem") -> SearchResult:
     """N independent solutions scored by the PRM, aggregated over steps.
 
     Each solution's score is the `aggregate` of its step rewards r_1..r_K (K its steps):
@@ -181,7 +204,7 @@ def best_of_n(key, step: LMStep, reward: ProcessReward, problems: ProblemBatch, 
         raise ArgumentError(f"best_of_n: aggregate must be one of {AGGREGATES}, got {aggregate!r}.")
     config = _Config("filter", step, reward, num_steps, _check_n(n), 1.0, "log", "ratio", "systematic", 0.0,
                      None, cache_size, 1, aggregate)
-    return _run(key, config, problems, selection, chunk, f"bon[{aggregate},{selection}]")
+    return _run(key, config, problems, selection, chunk, layout, f"bon[{aggregate},{selection}]")
 
 
 def self_consistency(key, step, reward, problems, n, **kw) -> SearchResult:
@@ -207,7 +230,7 @@ def beam_search(key, step: LMStep, reward: ProcessReward, problems: ProblemBatch
 def particle_gibbs(key, step: LMStep, reward: ProcessReward, problems: ProblemBatch, num_particles: int, *,
                    num_iterations: int = 2, beta: float = 1.0, link: str = "logit", weighting: str = "current",
                    selection: str = "argmax", num_steps: int = NUM_STEPS, cache_size: int = CACHE_SIZE,
-                   chunk: int = 50) -> SearchResult:
+                   chunk: int | None = None, layout: str = "per_problem") -> SearchResult:
     """Particle Gibbs (its_hub's `ParticleGibbs`): a particle filter (multinomial resampling
     before every step), then `num_iterations - 1` conditional SMC sweeps (`smc.csmc`), each
     with the previous sweep's trajectory drawn by its final weights as the reference.
@@ -218,7 +241,7 @@ def particle_gibbs(key, step: LMStep, reward: ProcessReward, problems: ProblemBa
                             f"num_iterations >= 1, got {num_particles} and {num_iterations}.")
     config = _Config("gibbs", step, reward, num_steps, n, float(beta), link, weighting, "multinomial", 1.0, None,
                      cache_size, int(num_iterations), None)
-    return _run(key, config, problems, selection, chunk, f"pg[{num_iterations}]")
+    return _run(key, config, problems, selection, chunk, layout, f"pg[{num_iterations}]")
 
 
 def top_k_resampler(k: int):
@@ -327,19 +350,27 @@ def _check_n(n) -> int:
     return int(n)
 
 
-def _run(key, config: _Config, problems: ProblemBatch, selection: str, chunk: int, label: str) -> SearchResult:
+def _run(key, config: _Config, problems: ProblemBatch, selection: str, chunk, layout: str, label: str
+         ) -> SearchResult:
     if selection not in SELECTIONS:
         raise ArgumentError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
     if not isinstance(problems, ProblemBatch):
         raise ArgumentError(f"problems must be a smc.llm.ProblemBatch (smc.llm.encode_problems(...)), got "
                             f"{type(problems).__name__}.")
     num = problems.num_problems
+    if layout not in LAYOUTS:
+        raise ArgumentError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+    if chunk is None:
+        chunk = max(1, POPULATION_ROWS // config.num_particles) if layout == "population" else PER_PROBLEM_CHUNK
+    chunk = min(check_count(chunk, "chunk", "smc.llm"), num)
     parts = []
     for lo in range(0, num, chunk):
-        index = jnp.arange(lo, min(lo + chunk, num))
+        # The last chunk is padded with copies of its last problem (dropped after), so
+        # every chunk has the same shapes and one program serves them all.
+        index = jnp.minimum(jnp.arange(lo, lo + chunk), num - 1)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
-        parts.append(jax.device_get(_run_chunk(keys, problems[lo: lo + chunk], config)))
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        parts.append(jax.device_get(_run_chunk(keys, problems[index], config, layout)))
+    out = {k: np.concatenate([p[k] for p in parts])[:num] for k in parts[0]}
     _check_rewards(out["step_rewards"], out["running"], config)
     answers = answers_from_tokens(out["final_tokens"])
     log_weights = out["log_weights"]
@@ -377,47 +408,107 @@ def _check_rewards(rewards, running, config: _Config) -> None:
             "jnp.clip(r, 1e-6, 1.0), or fix the reward model.")
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _run_chunk(keys, problems: ProblemBatch, config: _Config):
-    # One problem after another inside one program (lax.map), particles vectorized. A
-    # jax.vmap over problems is slower on CPU (1.8x at N = 64, 16 problems): the LM step's
-    # while loop then runs until the slowest row of every problem, selecting every
-    # problem's KV caches at each token.
-    return jax.lax.map(lambda kp: _one_problem(kp[0], kp[1], config), (keys, problems))
+@functools.partial(jax.jit, static_argnames=("config", "layout"))
+def _run_chunk(keys, problems: ProblemBatch, config: _Config, layout: str):
+    if layout == "per_problem":
+        # One problem after another (lax.map), particles vectorized: each problem's filter
+        # keeps its own `lax.cond`s, so it stops working once its particles have finished.
+        return jax.lax.map(lambda kp: _one_problem(kp[0], kp[1], config, config.step), (keys, problems))
+    # One population: `jax.vmap` over problems of a filter over particles (each problem
+    # resampling among its own particles), the policy's step sampled for every particle of
+    # every problem in one token loop (`population_step`; a plain LMStep under two vmaps
+    # would select every row's KV caches at every token). Under the vmap the filter's
+    # conds become selects: every problem runs every step.
+    step = population_step(config.step)
+    return jax.vmap(lambda k, p: _one_problem(k, p, config, step))(keys, problems)
 
 
-def _one_problem(key, problem: ProblemBatch, config: _Config):
-    model = reasoning_model(config.step, config.reward, config.num_steps, config.beta, config.link, config.weighting)
-    carry = init_carry(config.step, config.reward, problem, config.cache_size, config.link)
+def _one_problem(key, problem: ProblemBatch, config: _Config, step: LMStep):
+    model = reasoning_model(step, config.reward, config.num_steps, config.beta, config.link, config.weighting)
+    carry = init_carry(step, config.reward, problem, config.cache_size, config.link)
     args = (carry, problem.expected)
     n = config.num_particles
     frozen = config.weighting != "current"
+    # history="choices": the summary reads tokens, rewards and the genealogy only, so the
+    # run keeps no step's carries (KV caches).
     result = particle_filter(key, model, args, {}, n, proposal=config.proposal, resampling=config.resampling,
-                             ess_threshold=config.ess_threshold, is_finished=is_finished if frozen else None)
-    summaries = [_summary(result, config)]
+                             ess_threshold=config.ess_threshold, is_finished=is_finished if frozen else None,
+                             history="choices")
+    summaries = [_summary(result, problem, config)]
     for sweep in range(1, config.num_iterations):
         k_ref, k_sweep = jax.random.split(jax.random.fold_in(key, sweep))
         index = jax.random.categorical(k_ref, result.log_weights)
-        reference = jax.tree.map(lambda leaf: leaf[index], result.paths())
+        reference = _path_choices(result, index)
         result = csmc(k_sweep, model, args, {}, reference, n).filter
-        summaries.append(_summary(result, config))
+        summaries.append(_summary(result, problem, config))
     last = summaries[-1]  # answers from the last sweep, the budget of every sweep
     last["tokens"] = sum(s["tokens"] for s in summaries)
     last["calls"] = sum(s["calls"] for s in summaries)
     return last
 
 
-def _summary(result, config: _Config):
-    """The population to answer from and the budget spent, from one filter run."""
-    steps = result.step_particles
-    after: ReasoningCarry = steps.retval[0]
-    done = after.lm.is_finished  # [T, N] finished after step t
-    running = jnp.concatenate([jnp.ones_like(done[:1]), ~done[:-1]], axis=0)  # running before step t
+def _path_choices(result, index):
+    """The choices [T, ...] of the path that ends in final particle `index`."""
+    lineage = _lineage(result.ancestors)[:, index]  # [T]
+    steps = result.step_particles.choices  # [T, N, ...]
+    return jax.tree.map(lambda leaf: leaf[jnp.arange(leaf.shape[0]), lineage], steps)
+
+
+def _summary(result, problem: ProblemBatch, config: _Config):
+    """The population to answer from and the budget spent, from one filter run.
+
+    Reads only each step's tokens and rewards and the genealogy (no carries): a
+    particle's text is the prompt and the tokens of the steps along its lineage.
+    """
+    steps = result.step_particles  # StepChoices or traces, [T, N, ...]
+    tokens = steps["step"]  # [T, N, L]: the step's tokens, PAD after it; all PAD once finished
+    running = tokens[..., 0] >= 0  # [T, N]: slot n generated a step at step t
+    done = _finished_after(tokens, result.ancestors, problem.prompt_length, config)  # [T, N]
+    num_steps = tokens.shape[0]
     if config.weighting == "current":  # the population when every particle had finished (its_hub stops there)
         all_done = jnp.all(done, axis=1)
-        t = jnp.where(jnp.any(all_done), jnp.argmax(all_done), done.shape[0] - 1)
+        t = jnp.where(jnp.any(all_done), jnp.argmax(all_done), num_steps - 1)
     else:
-        t = done.shape[0] - 1
-    tokens = jnp.sum((steps["step"] >= 0) & running[..., None], axis=(0, 2))
-    return {"final_tokens": after.lm.tokens[t], "final_rewards": after.reward[t], "log_weights": result.step_log_weights[t],
-            "step_rewards": steps["prm"], "running": running, "tokens": tokens, "calls": jnp.sum(running, axis=0)}
+        t = num_steps - 1
+    prompt = result.args[0].lm.tokens  # [S] the prompt, PAD after it (the initial carry's)
+    final_tokens = _texts(prompt, problem.prompt_length, tokens, result.ancestors, t)
+    rewards = steps["prm"]  # [T, N] the reward of each prefix after step t (frozen once finished)
+    return {"final_tokens": final_tokens, "final_rewards": rewards[t], "log_weights": result.step_log_weights[t],
+            "step_rewards": rewards, "running": running, "tokens": jnp.sum(tokens >= 0, axis=(0, 2)),
+            "calls": jnp.sum(running, axis=0)}
+
+
+def _finished_after(tokens, ancestors, prompt_length, config: _Config):
+    """[T, N] whether particle n of step t had finished after that step: it (or an
+    ancestor) emitted an end-of-answer token, or its text filled the context."""
+    eos = jnp.asarray(config.step.eos_tokens, jnp.int32)
+    has_eos = jnp.any((tokens[..., None] == eos) & (tokens[..., None] >= 0), axis=(-2, -1))
+    count = jnp.sum(tokens >= 0, axis=-1)
+    n = tokens.shape[1]
+
+    def forward(state, inputs):
+        done, length = state
+        parents, is_end, added = inputs
+        length = length[parents] + added
+        done = done[parents] | is_end | (length >= config.cache_size)
+        return (done, length), done
+
+    start = (jnp.zeros((n,), bool), jnp.broadcast_to(jnp.asarray(prompt_length, jnp.int32), (n,)))
+    return jax.lax.scan(forward, start, (ancestors, has_eos, count))[1]
+
+
+def _texts(prompt, prompt_length, tokens, ancestors, t):
+    """[N, S] the texts of step t's particles: the prompt, then the tokens of every step
+    up to t along each particle's lineage, PAD after (as its `LMState.tokens`)."""
+    num_steps, n, width = tokens.shape
+    size = prompt.shape[-1]
+    later = jnp.arange(num_steps)[:, None] > t
+    lineage = _lineage(jnp.where(later, jnp.arange(n, dtype=ancestors.dtype), ancestors))  # [T, N]
+    own = tokens[jnp.arange(num_steps)[:, None], lineage]  # [T, N, L]
+    own = jnp.where(later[..., None], -1, own)
+    flat = jnp.moveaxis(own, 1, 0).reshape(n, num_steps * width)  # each particle's step tokens in order
+    is_token = flat >= 0
+    where = jnp.where(is_token, prompt_length + jnp.cumsum(is_token, axis=1) - 1, size)  # size: dropped
+    rows = jnp.broadcast_to(prompt, (n, size))
+    return jax.vmap(lambda row, i, v: row.at[i].set(v, mode="drop"))(rows, where, flat)
+
