@@ -160,7 +160,9 @@ def mvd(d: dist.Distribution) -> Estimated:
     (Poisson: d/d rate E f(X) = E[f(X + 1) - f(X)]), or to x + 1 and x + X' + 1 with X'
     an independent copy (geometric: d/dp E f(X) = (E f(X) - E f(X + X' + 1)) / p).
     Unbiased with lower variance than reinforce, at one re-run per coordinate and value.
-    Not available inside `ppl.scan` (later steps depend on the moved coordinate).
+    Works inside `ppl.vmap` and `ppl.scan`: a re-run keeps what was drawn before the
+    moved coordinate and draws what comes after it (the later steps of a scan included)
+    again given the moved value, so each re-run is a valid continuation (`vi/_mvd.py`).
     """
     return Estimated(d, "mvd")
 

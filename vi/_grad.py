@@ -29,12 +29,16 @@ before it, so their sum is unbiased:
   the guide a second time, every choice given its value, with each rsvi site drawing
   its noise again from the same key and scored by `log pi` (`_rsvi.py`); those scores
   join the reinforce terms.
-- mvd: for a coordinate `x_j`, `d/dtheta E f = sum_k d/dtheta q(k) E[f | x_j = k]`
-  (finite support) or its weak-derivative decomposition (Poisson, geometric). The
-  objective is re-run with `x_j` moved and everything else drawn with the same key (the
-  later draws follow the moved value), and the zero-valued surrogate
-  `sum_k q(k) stop_gradient(f_k) - stop_gradient(...)` adds the term; `q(k)` is read from
-  the site's density in the re-runs, so it is differentiable.
+- mvd: for a coordinate `x_j`, `d/dtheta E f = sum_k d/dtheta q_j(k) E[f | x_j = k]`
+  (finite support) or its weak-derivative decomposition (Poisson, geometric), with
+  `q_j` the coordinate's pmf given what was drawn before it. The objective is re-run
+  with the same key and `x_j` moved; what the program draws after `x_j` is drawn afresh
+  given the moved value, including the later steps of the same site inside `ppl.scan`
+  (which depend on it), and what it drew before is kept. Each re-run is then an
+  unbiased estimate of `E[f | x_j = k]` given the earlier draws, and the zero-valued
+  surrogate `sum_k q_j(k) stop_gradient(f_k) - stop_gradient(...)` adds the term;
+  `q_j(k)` is read, differentiably, from a scoring run of the guide at the first run's
+  values. Details and the argument in `_mvd.py`.
 
 A reinforce baseline `b` only has to be independent of its site's draw: a constant, the
 leave-one-out mean of independent copies, or a moving average of the objective's values
@@ -71,6 +75,7 @@ import ppl
 from ppl.extend import check_count, check_key, format_address, site_scores
 
 from ._estimators import MAX_ENUMERATION, SiteInfo, site_info
+from ._mvd import Continuation, mvd_terms
 from ._rsvi import noise_scores
 
 __all__ = ["grad", "simulate", "generate", "learning_signal"]
@@ -94,16 +99,21 @@ class _Tape:
     """What one evaluation of an objective reports: per construct call (numbered in
     call order) its sites' estimators, and the surrogate pieces."""
 
-    def __init__(self, forced=None, baselines=None):
+    def __init__(self, forced=None, baselines=None, continued=frozenset()):
         self.forced = forced or {}  # (construct index, path) -> full value
+        # (construct index, path) of the mvd site whose forced entry is a continuation
+        # (`_mvd.Continuation`'s packed array), not a value
+        self.continued = continued
         self.baselines = baselines or {}  # site label -> moving-average baseline (a scalar)
         self.averaged: dict = {}  # site label -> decay, for the moving-average sites seen
         self.sampled_rsvi: dict = {}  # construct index -> paths of its drawn rsvi sites
+        self.sampled_mvd: set = set()  # (construct index, path) of drawn mvd sites
         self.count = 0
         self.infos: dict = {}  # construct index -> {path: SiteInfo}
-        self.in_scan: dict = {}  # (index, path) -> whether a ppl.scan is on the path
         self.values: dict = {}  # (index, path) -> drawn value (enum and mvd sites)
-        self.scores: dict = {}  # (index, path) -> site log density (enum, mvd sites)
+        self.scores: dict = {}  # (index, path) -> site log density (enum sites)
+        self.calls: dict = {}  # construct index -> (gen_fn, key, args, num_particles), mvd
+        self.traces: dict = {}  # construct index -> its trace, for constructs with mvd sites
         # per construct call: its reinforce sites' zero-valued terms log q - sg(log q),
         # per particle ([K] or []), grouped by baseline: "plain" (0 or a constant),
         # "const" (b * term for constant baselines b), "loo" (leave-one-out)
@@ -125,6 +135,8 @@ class _Tape:
             return
         if info.estimator == "rsvi" and sampled:
             self.sampled_rsvi.setdefault(self._open, set()).add(path)
+        if info.estimator == "mvd" and sampled:  # a given value has no sampling derivative
+            self.sampled_mvd.add((self._open, path))
         known = self.infos[self._open].get(path)
         if known is not None and known != info:
             raise ppl.ArgumentError(
@@ -140,9 +152,15 @@ class _Tape:
         self._open = index
         return index
 
-    def close(self, index, trace, batched: bool, noise_scores: dict):
-        """Collect the construct call's terms. `noise_scores`: rsvi path -> log density
-        of its accepted noise (`[K]` per particle when batched)."""
+    def is_continued(self, path) -> bool:
+        """Whether the open construct's site at `path` is an mvd re-run's continuation."""
+        return self._open is not None and (self._open, path) in self.continued
+
+    def close(self, index, trace, call, noise_scores: dict):
+        """Collect the construct call's terms. `call`: `(gen_fn, key, args,
+        num_particles)`; `noise_scores`: rsvi path -> log density of its accepted noise
+        (`[K]` per particle when batched)."""
+        batched = call[3] is not None
         self._open = None
         infos = self.infos[index]
         if not infos:
@@ -170,14 +188,12 @@ class _Tape:
                             terms["const"] = terms["const"] + sg(self.baselines[label]) * delta
                     elif info.baseline is not None:
                         terms["const"] = terms["const"] + info.baseline * delta
-            elif info.estimator in ("enum", "mvd"):
-                if batched:
-                    score = jnp.sum(score)
-                value = choices[path]
-                self.scores[key] = score
-                self.values[key] = value
-                if info.estimator == "mvd":
-                    self.in_scan[key] = _scan_on_path(trace, path)
+            elif info.estimator == "enum":
+                self.scores[key] = jnp.sum(score) if batched else score
+                self.values[key] = choices[path]
+            elif info.estimator == "mvd" and key in self.sampled_mvd:
+                self.values[key] = choices[path]
+                self.calls[index], self.traces[index] = call, trace
         for noise in noise_scores.values():  # rsvi: the acceptance step's score term
             terms["plain"] = terms["plain"] + noise - sg(noise)
         self.terms[index] = terms
@@ -203,20 +219,6 @@ def site_label(index: int, path: tuple) -> str:
     return f"{index}:{'/'.join(path)}"
 
 
-def _scan_on_path(trace, path) -> bool:
-    """Whether a `ppl.scan` lies between `trace`'s function and the site at `path`."""
-    gf = trace.gen_fn
-    if isinstance(gf, ppl.ScanGF):
-        return True
-    if isinstance(gf, (ppl.VmapGF, ppl.HandledGF, ppl.MaskGF)):
-        return _scan_on_path(trace.inner, path)
-    if isinstance(gf, ppl.GenFunction) and path:
-        rec = trace.inner.get(path[0])
-        if isinstance(rec, ppl.Trace):
-            return _scan_on_path(rec, path[1:])
-    return False
-
-
 class _Estimators(ppl.SiteHandler):
     """Unwraps each latent site's estimator and tells the running tape about it."""
 
@@ -227,6 +229,9 @@ class _Estimators(ppl.SiteHandler):
         tape = current_tape()
         if tape is not None:
             tape.note(site.path, info, site.value is None)
+            if site.value is not None and tape.is_continued(site.path):
+                # an mvd re-run: the site is drawn, some coordinates given (`_mvd.py`)
+                return site._replace(fn=Continuation(d, site.value), value=None)
         return site._replace(fn=d)
 
 
@@ -271,7 +276,7 @@ def _run_construct(name, gen_fn, key, constraints, args, num_particles, detach=F
         if tape is not None:
             tape._open = None
     if tape is not None:
-        tape.close(index, trace, num_particles is not None, noise)
+        tape.close(index, trace, (gen_fn, key, args, num_particles), noise)
     if detach:
         trace, weight = jax.lax.stop_gradient((trace, weight))
     return trace, weight
@@ -332,9 +337,9 @@ def learning_signal(trace, signal) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def _evaluate(objective, key, params, forced, baselines=None):
+def _evaluate(objective, key, params, forced, baselines=None, continued=frozenset()):
     """One run of the objective under a tape: (f, tape)."""
-    with _Tape(forced, baselines) as tape:
+    with _Tape(forced, baselines, continued) as tape:
         f = objective(key, params)
     f = jnp.asarray(f)
     if f.shape != () or not jnp.issubdtype(f.dtype, jnp.floating):
@@ -356,57 +361,11 @@ def discover(objective, key, params):
         averaged.update(tape.averaged)
         for (index, path), value in tape.values.items():
             shape = jax.ShapeDtypeStruct(jnp.shape(value), jnp.result_type(value))
-            info = tape.infos[index][path]
-            if info.estimator == "mvd" and tape.in_scan[(index, path)]:
-                raise ppl.ArgumentError(
-                    f"vi.mvd at {format_address(path)}: the site is inside ppl.scan, where later steps "
-                    "depend on the moved coordinate; use vi.enum (small supports) or vi.reinforce there."
-                )
-            found[(index, path)] = (info, shape)
+            found[(index, path)] = (tape.infos[index][path], shape)
         return f
 
     jax.eval_shape(lambda k: probe(k, params), key)  # params closed over: static leaves stay static
     return found, loo[0], averaged
-
-
-def _mvd_terms(objective, key, params, forced, base_tape, f0, sites):
-    """Sum of the zero-valued surrogate terms of every mvd site (value 0)."""
-    total = jnp.zeros(())
-    for (index, path), (info, shape) in sites.items():
-        value = base_tape.values[(index, path)]
-        base_score = base_tape.scores[(index, path)]
-        flat = jnp.ravel(value)
-        n = flat.size
-        if n == 0:
-            continue
-
-        def rerun(moved_flat):
-            moved = dict(forced)
-            moved[(index, path)] = moved_flat.reshape(shape.shape).astype(shape.dtype)
-            f, tape = _evaluate(objective, key, params, moved)
-            return sg(f), tape.scores[(index, path)]
-
-        eye = jnp.eye(n, dtype=flat.dtype)
-        if info.family in ("bernoulli", "categorical"):
-            ks = jnp.arange(info.size, dtype=flat.dtype) + info.low
-            # rows: coordinate j set to value k, [n, K, n]
-            moved = flat[None, None, :] * (1 - eye[:, None, :]) + ks[None, :, None] * eye[:, None, :]
-            f_k, s_k = jax.vmap(jax.vmap(rerun))(moved)  # [n, K]
-            q = jax.nn.softmax(s_k, axis=-1)  # the coordinate's pmf, differentiable
-            term = jnp.sum(q * f_k)
-        elif info.family == "poisson":
-            f_up, s_up = jax.vmap(rerun)(flat[None, :] + eye)  # [n]
-            rate = (flat + 1) * jnp.exp(s_up - base_score)
-            term = jnp.sum(rate * (f_up - sg(f0)))
-        else:  # geometric: d/dp E f(X) = (E f(X) - E f(X + X' + 1)) / p
-            f_up, s_up = jax.vmap(rerun)(flat[None, :] + eye)
-            p = -jnp.expm1(s_up - base_score)  # log(1 - p) = log q(x + 1) - log q(x)
-            u = jax.random.uniform(jax.random.fold_in(key, 0x6D7664), (n,), minval=1e-7, maxval=1.0)
-            extra = jnp.floor(jnp.log(u) / jnp.log1p(-sg(p)))  # X' ~ Geometric(p), failures
-            f_dn, _ = jax.vmap(rerun)(flat[None, :] + eye * (extra + 1)[:, None])
-            term = jnp.sum(p * sg((sg(f0) - f_dn) / p))
-        total = total + term - sg(term)
-    return total
 
 
 def _estimate(objective, key, params, sites, baselines):
@@ -418,7 +377,12 @@ def _estimate(objective, key, params, sites, baselines):
         f, tape = _evaluate(objective, key, params, forced, baselines)
         a, b = tape.surrogate(f)
         if mvd_sites:
-            a = a + _mvd_terms(objective, key, params, forced, tape, f, mvd_sites)
+
+            def rerun(site_key, packed):
+                moved = {**forced, site_key: packed}
+                return _evaluate(objective, key, params, moved, continued=frozenset([site_key]))[0]
+
+            a = a + mvd_terms(rerun, key, tape, f, mvd_sites)
         logq = sum((tape.scores[k] for k in enum_sites), jnp.zeros(()))
         return f, a, b, logq
 
