@@ -18,7 +18,7 @@ Implementations (same data, same model, same priors):
 
 Output: one JSON line per (benchmark, impl) with
   first_call_s   wall time of the first call (trace + compile + warmup + sampling)
-  run_s          median wall time of 3 repeat calls with the same shapes, new keys and
+  run_s          median wall time of 5 repeat calls with the same shapes, new keys and
                  (framework) new data values; NumPyro recompiles inside each `run()`
   compile_s      first_call_s - run_s
   min_bulk_ess   minimum over every scalar parameter of the bulk ESS (numpyro.diagnostics),
@@ -174,7 +174,7 @@ def mean_and_se(samples, name, index=None):
     return float(v.mean()), float(v.std() / math.sqrt(effective_sample_size(v)))
 
 
-def measure(run, data_variants, repeats=3):
+def measure(run, data_variants, repeats=5):
     """First call, then `repeats` calls with new keys and data values;
     (first_s, run_s, median over the repeats of the min bulk ESS, last samples)."""
     t0 = time.perf_counter()
