@@ -46,10 +46,27 @@ coordinates has no tractable conditional of one site given the others, so the si
 cannot be drawn one after another as `auto_mvn` does; the guide is a generative
 function of its own that draws all sites jointly. `simulate` scores the draw from the
 forward pass (`log q(x) = log N(eps) - sum log|det J| - log|det dt/du|`, no inverse);
-`assess`, and `generate` / `update` given all sites' values, score through the
-inverse. Constraining or selecting some sites but not all would need a conditional or
-a marginal of the flow, and is refused with an error (all or none is fine). Its sites
-are reparameterized and do not pass through site handlers.
+`assess`, `generate` / `update` with given values, score through the inverse. Its
+sites are reparameterized and do not pass through site handlers.
+
+Some sites given or selected. A flow has no tractable conditional of some sites given
+the others, so the guide draws such sites from a fixed internal proposal `r` instead:
+independent standard normals on their unconstrained coordinates, pushed through
+`biject_to` (`log r(x) = log N(t^-1(x); 0, I) - log|det dt/du|`). The GFI weights are
+then the exact ones for that proposal (`x` the trace's values, `F` the drawn sites):
+
+- `generate(constraints)`: `log q(x) - log r(x_F)`, the importance weight, so that
+  `E_r[exp(weight)] = q(x_given)` (the flow's marginal). Nothing given: a draw from `q`
+  itself, weight 0; everything given: `log q(x)`.
+- `update(trace, constraints)`: the given sites take their values, the others keep
+  theirs (nothing is drawn): `log q_new(x') - log q_old(x)`; the discard holds the
+  replaced values.
+- `regenerate(trace, selection)`: the selected sites drawn from `r`, the others kept:
+  the Metropolis-Hastings log ratio `log q(x') - log q(x) + log r(x_S) - log r(x'_S)`.
+  All selected: a fresh draw from `q`, ratio 1 (weight 0).
+- `project(trace, selection)`: what `generate` would weigh the trace with, given the
+  selected values and having drawn the others: `log q(x) - log r(x_unselected)` (all
+  selected: the score; none: 0).
 """
 
 from __future__ import annotations
@@ -471,9 +488,11 @@ def flow_guide(model, model_args: tuple = (), observations=None, flows="iaf", *,
     - a function `(key, D) -> sequence of layers`.
 
     The guide (called with `(params, *model_args)`) draws all sites jointly, and its
-    trace score is the joint `log q(x)` on the sites' own spaces. `generate` and
-    `update` accept the values of all sites or none; `regenerate` and `project` a
-    selection of all sites or none (see the module docstring for why).
+    trace score is the joint `log q(x)` on the sites' own spaces. `generate`, `update`,
+    `regenerate` and `project` take any subset of the sites; where some sites are given
+    or selected and the others must be drawn, they are drawn from a fixed proposal
+    (standard normals on their unconstrained coordinates) and the weights are exact for
+    it (see the module docstring).
 
     >>> import numpyro.distributions as dist
     >>> @ppl.gen
@@ -558,21 +577,56 @@ class _FlowGuide(ppl.GenerativeFunction):
             start += k
         return tuple(values), log_det
 
+    def _unconstrained(self, values):
+        """Per site: the flat unconstrained piece `t^-1(x)`, `log|det dt/du|` there, and
+        whether `x` lies in the site's support."""
+        pieces, log_dets, inside = [], [], []
+        for (_, _, _, transform), x in zip(self.sites, values):
+            piece = transform.inv(x)
+            log_dets.append(jnp.sum(transform.log_abs_det_jacobian(piece, x)))
+            inside.append(jnp.all(transform.codomain(x)))
+            pieces.append(jnp.reshape(piece, (-1,)))
+        return pieces, log_dets, inside
+
     def _score(self, args, values):
         """log q(values): -inf outside the sites' supports."""
-        pieces, log_det, ok = [], jnp.zeros(()), jnp.asarray(True)
-        for (_, shape, _, transform), x in zip(self.sites, values):
-            ok = ok & jnp.all(transform.codomain(x))
-            piece = transform.inv(x)
-            log_det = log_det + jnp.sum(transform.log_abs_det_jacobian(piece, x))
-            pieces.append(jnp.reshape(piece, (-1,)))
-        lp = self._distribution(args[0]).log_prob(jnp.concatenate(pieces)) - log_det
+        pieces, log_dets, inside = self._unconstrained(values)
+        lp = self._distribution(args[0]).log_prob(jnp.concatenate(pieces)) - sum(log_dets)
+        return jnp.where(jnp.all(jnp.stack(inside)), lp, -jnp.inf)
+
+    def _proposal_log_density(self, values, which):
+        """log r of the sites marked in `which` at `values` (the fixed proposal, see
+        `_propose`): -inf outside their supports."""
+        pieces, log_dets, inside = self._unconstrained(values)
+        lp, ok = jnp.zeros(()), jnp.asarray(True)
+        for piece, log_det, is_in, chosen in zip(pieces, log_dets, inside, which):
+            if chosen:
+                lp = lp + _std_normal_logpdf(piece) - log_det
+                ok = ok & is_in
         return jnp.where(ok, lp, -jnp.inf)
 
+    def _propose(self, key, which):
+        """Draw the sites marked in `which` from the fixed proposal r: independent
+        standard normals on their unconstrained coordinates, pushed through `biject_to`.
+        Returns `(values, log r(values))`, `values[i]` None for unmarked sites."""
+        if isinstance(key, ppl.ParticleKey):
+            key = jax.random.fold_in(key.key, key.index)
+        eps = jax.random.normal(key, (self.dim,))
+        values, lp, start = [], jnp.zeros(()), 0
+        for (_, shape, dtype, transform), k, chosen in zip(self.sites, self.sizes, which):
+            if chosen:
+                piece = eps[start : start + k]
+                u = piece.reshape(tuple(transform.inverse_shape(shape)))
+                x = transform(u)
+                lp = lp + _std_normal_logpdf(piece) - jnp.sum(transform.log_abs_det_jacobian(u, x))
+                values.append(x.astype(dtype))
+            else:
+                values.append(None)
+            start += k
+        return values, lp
+
     def _given(self, choices, method):
-        """The values of all sites from `choices`, or None when it names none."""
-        if choices.is_empty:
-            return None
+        """Per site, its value in `choices` or None when `choices` does not name it."""
         named = choices.addresses()
         unknown = [a for a in named if a not in self.paths]
         if unknown:
@@ -581,15 +635,11 @@ class _FlowGuide(ppl.GenerativeFunction):
                 f"Its sites: {', '.join(format_address(p) for p in self.paths)}."
                 + suggest(unknown[0], self.paths)
             )
-        missing = [p for p in self.paths if p not in named]
-        if missing:
-            raise ppl.ArgumentError(
-                f"{self.__name__}.{method}: values for some sites but not "
-                f"{', '.join(format_address(p) for p in missing)}. A flow guide draws its sites jointly "
-                "and has no conditional of some sites given others; give all sites' values or none."
-            )
         values = []
         for path, shape, dtype, _ in self.sites:
+            if path not in named:
+                values.append(None)
+                continue
             v = jnp.asarray(choices[path])
             if v.shape != shape:
                 raise ppl.ArgumentError(
@@ -599,19 +649,8 @@ class _FlowGuide(ppl.GenerativeFunction):
             values.append(v.astype(dtype))
         return tuple(values)
 
-    def _selected(self, selection, method) -> bool:
-        chosen = [p in selection for p in self.paths]
-        if all(chosen) or not any(chosen):
-            return all(chosen)
-        raise ppl.ArgumentError(
-            f"{self.__name__}.{method}: the selection holds "
-            f"{', '.join(format_address(p) for p, c in zip(self.paths, chosen) if c)} but not the other "
-            "sites. A flow guide's sites are drawn jointly and have no tractable conditional or "
-            "marginal; select all of them or none."
-        )
-
     def _trace(self, args, values, score):
-        return ppl.Trace(self, args, None, score, values)
+        return ppl.Trace(self, args, None, score, tuple(values))
 
     def _simulate(self, key, args):
         if isinstance(key, ppl.ParticleKey):
@@ -622,35 +661,48 @@ class _FlowGuide(ppl.GenerativeFunction):
 
     def _assess(self, choices, args):
         values = self._given(choices, "assess")
-        if values is None:
+        missing = [p for p, v in zip(self.paths, values) if v is None]
+        if missing:
             raise ppl.UnknownAddressError(
-                f"{self.__name__}.assess: no values given; assess needs every site "
-                f"({', '.join(format_address(p) for p in self.paths)})."
+                f"{self.__name__}.assess: no value for {', '.join(format_address(p) for p in missing)}; "
+                f"assess needs every site ({', '.join(format_address(p) for p in self.paths)})."
             )
         return self._score(args, values), None
 
     def _generate(self, key, constraints, args):
-        values = self._given(constraints, "generate")
-        if values is None:
+        given = self._given(constraints, "generate")
+        free = [v is None for v in given]
+        if all(free):  # the proposal is the flow itself: weight q / q = 1
             return self._simulate(key, args), jnp.zeros(())
+        drawn, log_r = self._propose(key, free)
+        values = [d if g is None else g for g, d in zip(given, drawn)]
         score = self._score(args, values)
-        return self._trace(args, values, score), score
+        return self._trace(args, values, score), score - log_r
 
     def _update(self, key, trace, constraints, args):
-        values = self._given(constraints, "update")
-        discard = ppl.ChoiceMap() if values is None else trace.choices
-        values = trace.inner if values is None else values
+        given = self._given(constraints, "update")
+        values = [old if g is None else g for old, g in zip(trace.inner, given)]
+        discard = ppl.ChoiceMap({p: old for p, old, g in zip(self.paths, trace.inner, given) if g is not None})
         score = self._score(args, values)
         return self._trace(args, values, score), score - trace.score, discard
 
     def _regenerate(self, key, trace, selection, args):
-        if self._selected(selection, "regenerate"):
+        chosen = [p in selection for p in self.paths]
+        if all(chosen):  # proposed from the flow itself: the MH ratio is 1
             return self._simulate(key, args), jnp.zeros(())
-        score = self._score(args, trace.inner)
-        return self._trace(args, trace.inner, score), score - trace.score
+        drawn, log_r_new = self._propose(key, chosen)
+        values = [old if d is None else d for old, d in zip(trace.inner, drawn)]
+        log_r_old = self._proposal_log_density(trace.inner, chosen)
+        score = self._score(args, values)
+        return self._trace(args, values, score), score - trace.score - log_r_new + log_r_old
 
     def _project(self, trace, selection):
-        return trace.score if self._selected(selection, "project") else jnp.zeros(())
+        chosen = [p in selection for p in self.paths]
+        if all(chosen):
+            return trace.score
+        if not any(chosen):
+            return jnp.zeros(())
+        return trace.score - self._proposal_log_density(trace.inner, [not c for c in chosen])
 
     def _choices(self, trace):
         return ppl.ChoiceMap(dict(zip(self.paths, trace.inner)))
