@@ -10,6 +10,7 @@ number of chains they divide, each device runs its own chains.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 from typing import NamedTuple
@@ -163,6 +164,15 @@ def run_mcmc(
         observed=observed, latent=latent, init_strategy=init_strategy,
     )
     inits = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), init)
+    total = num_warmup + num_samples
+    chunk = int(chunk_size) if chunk_size is not None else max(1, math.ceil(total / _CHUNKS))
+    # The step program is traced from the starts' shapes, and the chunk program compiles in
+    # a background thread while the chains start (their own compile and run): the two
+    # compilations overlap instead of adding up.
+    own_shape = jax.eval_shape(functools.partial(_init, program=program), keys, inits, shared)
+    stepper = _step_program(program, kernel, _Collect(latent, deterministic), keys[0], own_shape, shared)
+    chunk_program = _chunk_program(k_run, stepper.adopt(own_shape, num_chains), shared, stepper=stepper,
+                                   chunk_size=chunk, num_chains=num_chains)
     own = _init(keys, inits, shared, program=program)
     view = functools.partial(program.layout.join, shared=shared, broadcast=_host_broadcast(num_chains))
     bad = _bad_chains(view(own))
@@ -178,12 +188,8 @@ def run_mcmc(
         if not bad.any():
             break
     _check_initial(view(own), bad, model, where, _INIT_ATTEMPTS if _random_start(latent, init) else 1)
-    collect = _Collect(latent, deterministic)
-    stepper = _step_program(program, kernel, collect, keys[0], own, shared)
     own = stepper.adopt(own, num_chains)
-
-    total = num_warmup + num_samples
-    chunk = int(chunk_size) if chunk_size is not None else max(1, math.ceil(total / _CHUNKS))
+    run_chunk = chunk_program.result()
     bar = _progress(progress_bar, total, num_warmup, num_chains)
     kept_draws, kept_info = [], []
 
@@ -203,10 +209,7 @@ def run_mcmc(
     pending = None
     try:
         for index in range(math.ceil(total / chunk)):
-            own, chunk_out = _run_chunk(
-                k_run, jnp.asarray(index, jnp.uint32), own, shared, stepper=stepper, chunk_size=chunk,
-                num_chains=num_chains,
-            )
+            own, chunk_out = run_chunk(k_run, jnp.asarray(index, jnp.uint32), own, shared)
             if pending is not None:
                 settle(*pending)
             done = index * chunk
@@ -236,6 +239,44 @@ class _Collect(NamedTuple):
         out = {p: choices[p] for p in self.latent}
         out.update({p: trace[p] for p in self.deterministic})
         return out
+
+
+_CHUNK_PROGRAMS: dict = {}
+_COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference-compile")
+
+
+def _chunk_program(key, own, shared, *, stepper, chunk_size, num_chains) -> concurrent.futures.Future:
+    """A future of `_run_chunk` for these chains, a function `(key, index, own, shared)`.
+
+    On one device: the program compiled ahead of time from the shapes of `own`, in a
+    background thread (XLA releases the GIL while it compiles), cached by signature so a
+    second run with the same shapes compiles nothing. With several devices the chunks'
+    states come back sharded, so the jitted function is used as is (it compiles for the
+    layout it is given).
+    """
+    run = functools.partial(_run_chunk, stepper=stepper, chunk_size=chunk_size, num_chains=num_chains)
+    if len(jax.devices()) > 1:
+        return _done(run)
+    index = jax.ShapeDtypeStruct((), jnp.uint32)
+    leaves = jax.tree.leaves((key, own, shared))
+    signature = (stepper, chunk_size, num_chains, jax.config.jax_enable_x64, jax.tree.structure((own, shared)),
+                 tuple((jnp.shape(x), jnp.result_type(x), getattr(x, "weak_type", False)) for x in leaves))
+    if signature not in _CHUNK_PROGRAMS:
+        def compile_chunk():
+            try:
+                return run.func.trace(key, index, own, shared, **run.keywords).lower().compile()
+            except BaseException:
+                del _CHUNK_PROGRAMS[signature]  # the next call tries again (and raises in its thread)
+                raise
+
+        _CHUNK_PROGRAMS[signature] = _COMPILER.submit(compile_chunk)
+    return _CHUNK_PROGRAMS[signature]
+
+
+def _done(value) -> concurrent.futures.Future:
+    future = concurrent.futures.Future()
+    future.set_result(value)
+    return future
 
 
 @functools.partial(jax.jit, static_argnames=("stepper", "chunk_size", "num_chains"))

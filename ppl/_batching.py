@@ -150,8 +150,8 @@ class StatesProgram:
 
 
 class StepProgram:
-    """`step(key, state) -> (state, out)` over a batch held as `StateLayout` leaves,
-    traced once: `program(keys, own, shared) -> (own, out)`, `keys` and the batched own
+    """`step(key, state) -> (state, out)` over a batch held as `StateLayout` leaves
+    (arrays, or their shapes as `jax.ShapeDtypeStruct`s), traced once: `program(keys, own, shared) -> (own, out)`, `keys` and the batched own
     leaves with a leading batch axis, `out` batched.
 
     Each member's state is joined with the one copy of `shared`, stepped, and split
@@ -166,7 +166,7 @@ class StepProgram:
 
     def __init__(self, step, layout: StateLayout, key_example, own, shared):
         flat_shared, shared_def = jax.tree.flatten(shared)
-        member = [leaf if u else leaf[0] for leaf, u in zip(own, layout.uniform)]
+        member = [leaf if u else _member(leaf) for leaf, u in zip(own, layout.uniform)]
         out_def = []
 
         def flat_step(key, own_leaves, shared_leaves):
@@ -190,8 +190,9 @@ class StepProgram:
         self.layout = StateLayout(layout.treedef, layout.sources, tuple(uniform))
 
     def adopt(self, own, n: int) -> list:
-        """`own` as held under the input layout, re-held under `self.layout` (a batch of n)."""
-        return [jax.numpy.broadcast_to(leaf, (n,) + jax.numpy.shape(leaf)) if was and not now else leaf
+        """`own` as held under the input layout, re-held under `self.layout` (a batch of n);
+        `own` may be arrays or their shapes (`jax.ShapeDtypeStruct`)."""
+        return [_broadcast(leaf, n) if was and not now else leaf
                 for leaf, was, now in zip(own, self._was_uniform, self.layout.uniform)]
 
     def __call__(self, keys, own, shared):
@@ -201,6 +202,20 @@ class StepProgram:
         leaves = jax.vmap(jaxpr_as_fun(self._closed), in_axes=[0] + own_axes + [None] * len(flat_shared),
                           out_axes=own_axes + [0] * num_out)(keys, *own, *flat_shared)
         return leaves[: self._num_own], jax.tree.unflatten(self._out_def, leaves[self._num_own:])
+
+
+def _member(leaf):
+    """One member of a batched leaf (an array or a `jax.ShapeDtypeStruct`)."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+    return leaf[0]
+
+
+def _broadcast(leaf, n: int):
+    """A leaf held once, as a batch of n (an array or a `jax.ShapeDtypeStruct`)."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((n,) + leaf.shape, leaf.dtype)
+    return jax.numpy.broadcast_to(leaf, (n,) + jax.numpy.shape(leaf))
 
 
 def vmap_states(fn, batched, shared):
