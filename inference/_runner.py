@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import ppl
 from ppl.extend import (
@@ -189,7 +189,8 @@ def run_mcmc(
             break
     _check_initial(view(own), bad, model, where, _INIT_ATTEMPTS if _random_start(latent, init) else 1)
     own = stepper.adopt(own, num_chains)
-    run_chunk = chunk_program.result()
+    run_chunk, place = chunk_program.result()
+    k_run, own, shared = place(k_run, own, shared)
     bar = _progress(progress_bar, total, num_warmup, num_chains)
     kept_draws, kept_info = [], []
 
@@ -246,37 +247,62 @@ _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_pre
 
 
 def _chunk_program(key, own, shared, *, stepper, chunk_size, num_chains) -> concurrent.futures.Future:
-    """A future of `_run_chunk` for these chains, a function `(key, index, own, shared)`.
-
-    On one device: the program compiled ahead of time from the shapes of `own`, in a
-    background thread (XLA releases the GIL while it compiles), cached by signature so a
-    second run with the same shapes compiles nothing. With several devices the chunks'
-    states come back sharded, so the jitted function is used as is (it compiles for the
-    layout it is given).
+    """A future of `(run, place)`: `run(key, index, own, shared)` is `_run_chunk` for these
+    chains, compiled ahead of time from the shapes of `own` in a background thread (XLA
+    releases the GIL while it compiles) and cached by signature, so a second run with the
+    same shapes compiles nothing; `place(key, own, shared)` puts the inputs where `run`
+    expects them. With several devices the chains' leaves are split over them and the
+    rest replicated (`NamedSharding`s), from the first chunk on: the program is compiled
+    once, for the layout its own outputs have.
     """
-    run = functools.partial(_run_chunk, stepper=stepper, chunk_size=chunk_size, num_chains=num_chains)
-    if len(jax.devices()) > 1:
-        return _done(run)
-    index = jax.ShapeDtypeStruct((), jnp.uint32)
-    leaves = jax.tree.leaves((key, own, shared))
-    signature = (stepper, chunk_size, num_chains, jax.config.jax_enable_x64, jax.tree.structure((own, shared)),
-                 tuple((jnp.shape(x), jnp.result_type(x), getattr(x, "weak_type", False)) for x in leaves))
+    shardings = _shardings(num_chains, stepper.layout.uniform)
+    if shardings is None:
+        def place(key, own, shared):
+            return key, own, shared
+    else:
+        own_shardings, replicated = shardings
+
+        def place(key, own, shared):
+            return (jax.device_put(key, replicated), [jax.device_put(o, s) for o, s in zip(own, own_shardings)],
+                    jax.device_put(shared, replicated))
+
+    def abstract(x, sharding=None):
+        t = jax.typeof(x) if not isinstance(x, jax.ShapeDtypeStruct) else x
+        return jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding, weak_type=t.weak_type)
+
+    replicated = None if shardings is None else shardings[1]
+    args = (abstract(key, replicated), abstract(jnp.zeros((), jnp.uint32), replicated),
+            [abstract(o, None if shardings is None else s) for o, s in zip(own, shardings[0] if shardings else own)],
+            jax.tree.map(lambda x: abstract(x, replicated), shared))
+    leaves = jax.tree.leaves(args)
+    signature = (stepper, chunk_size, num_chains, jax.config.jax_enable_x64, len(jax.devices()),
+                 jax.tree.structure(args), tuple((x.shape, x.dtype, x.weak_type) for x in leaves))
     if signature not in _CHUNK_PROGRAMS:
         def compile_chunk():
             try:
-                return run.func.trace(key, index, own, shared, **run.keywords).lower().compile()
+                compiled = _run_chunk.trace(*args, stepper=stepper, chunk_size=chunk_size,
+                                            num_chains=num_chains).lower().compile()
             except BaseException:
                 del _CHUNK_PROGRAMS[signature]  # the next call tries again (and raises in its thread)
                 raise
+            if replicated is None:
+                return compiled, place
+            return (lambda key, index, own, shared: compiled(key, jax.device_put(index, replicated), own, shared)), place
 
         _CHUNK_PROGRAMS[signature] = _COMPILER.submit(compile_chunk)
     return _CHUNK_PROGRAMS[signature]
 
 
-def _done(value) -> concurrent.futures.Future:
-    future = concurrent.futures.Future()
-    future.set_result(value)
-    return future
+def _shardings(num_chains: int, uniform: tuple):
+    """`(own, replicated)`: the chains' `NamedSharding` per own leaf (split over the
+    devices, or replicated for a uniform leaf) and the replicated one; None on one device
+    or when the devices do not divide the chains."""
+    devices = jax.devices()
+    if len(devices) < 2 or num_chains % len(devices):
+        return None
+    mesh = Mesh(np.asarray(devices), ("chains",))
+    chains, replicated = NamedSharding(mesh, PartitionSpec("chains")), NamedSharding(mesh, PartitionSpec())
+    return [replicated if u else chains for u in uniform], replicated
 
 
 @functools.partial(jax.jit, static_argnames=("stepper", "chunk_size", "num_chains"))

@@ -69,6 +69,11 @@ NUTS_SCRIPT = textwrap.dedent(
     s = inference.run_nuts(jax.random.key(0), model, (), {"y": y}, num_warmup=300, num_samples=500,
                            num_chains=4, progress_bar=False)
     assert calls and all(calls), calls  # every chunk ran as one shard per device
+    # one program for every chunk (the inputs are placed as the chunks' outputs are), and
+    # none more for a second run with new data
+    inference.run_nuts(jax.random.key(1), model, (), {"y": y + 1.0}, num_warmup=300, num_samples=500,
+                       num_chains=4, progress_bar=False)
+    assert len(runner._CHUNK_PROGRAMS) == 1 and runner._run_chunk._cache_size() == 0
     mu = np.asarray(s["mu"])
     exact_mean, exact_sd = y.sum() / 5, (1 / 5) ** 0.5  # conjugate normal
     ess = float(effective_sample_size(mu))
