@@ -7,7 +7,9 @@
   ess per step, ancestors, particles, and `paths()` for whole trajectories), with
   optional MCMC rejuvenation (any `inference.Kernel`) after each resampling; particles
   that finish early (a `ppl.mask`ed step and a done flag in the carry) keep their weight
-  and carry, and with `is_finished` the run ends its work once all have finished.
+  and carry, and with `is_finished` the run ends its work once all have finished;
+  `history="choices"` keeps each step's choices and scores (`StepChoices`), not the
+  carries.
 - `tempered(key, model, args, observations, num_particles, kernel=None, ...)`: adaptive
   tempered SMC for a static model, from the prior to the posterior, standard or
   waste-free; returns a `TemperedResult` (log_marginal, particles, temperatures, ess,
@@ -28,14 +30,15 @@ language model and reward model.
 """
 
 from ._csmc import CSMCResult, csmc
-from ._filter import ParticleFilterResult, particle_filter
+from ._filter import ParticleFilterResult, StepChoices, particle_filter
 from ._particle_gibbs import (CSMCInfo, CSMCState, ParticleGibbsInfo, ParticleGibbsState, csmc_kernel,
                               particle_gibbs)
 from ._resampling import multinomial, residual, stratified, systematic
 from ._smoothing import backward_simulation
 from ._tempered import TemperedResult, tempered
 
-__all__ = ["particle_filter", "ParticleFilterResult", "multinomial", "systematic", "stratified", "residual"]
+__all__ = ["particle_filter", "ParticleFilterResult", "StepChoices", "multinomial", "systematic", "stratified",
+           "residual"]
 __all__ += ["csmc", "CSMCResult", "csmc_kernel", "particle_gibbs", "CSMCState", "CSMCInfo", "ParticleGibbsState",
             "ParticleGibbsInfo", "backward_simulation"]
 __all__ += ["tempered", "TemperedResult"]
