@@ -12,6 +12,13 @@ half intensity, 1,500 training images; z ~ Normal(0, 1)^8 per image, x ~ Bernoul
 images without replacement from its key, draws one z per image, and takes one Adam step
 (learning rate 1e-3) on the minibatch ELBO per image.
 
+Minibatch indices: every impl that draws its own (handcoded, framework, framework_batched,
+genjax) uses `subsample`, a partial Fisher-Yates shuffle of `batch` swaps (O(batch)), the
+same kind of algorithm as NumPyro's `plate(subsample_size=...)` on CPU. With
+`jax.random.choice(..., replace=False)` (a sort of all 1,500 indices per step) those rows
+paid for a permutation NumPyro does not make, and at batch 64 NumPyro looked faster than
+the hand-coded step.
+
 Implementations (`impl` field), all a whole run of `steps` steps inside one jit:
   framework          `vi.fit(key, objective, (decoder, encoder), optax.adam(1e-3), steps,
                      chunk_size=steps)`, equinox MLPs, `vi.elbo(..., learn_model=True)` on a
@@ -104,9 +111,27 @@ def mlp(p, x):
     return jnp.tanh(x @ w1 + b1) @ w2 + b2
 
 
+def subsample(key, size, batch):
+    """`batch` distinct indices of `range(size)`, drawn uniformly without replacement by a
+    partial Fisher-Yates shuffle: `batch` swaps, step t exchanging the position
+    `size - 1 - t` with a position j uniform in [0, size - 1 - t], the last `batch`
+    positions then the draw. O(batch) swaps (after an O(size) iota), where
+    `jax.random.choice(..., replace=False)` permutes (sorts) all `size` indices."""
+    t = jnp.arange(batch)
+    js = jax.random.randint(key, (batch,), 0, size - t)  # all the j's in one draw
+
+    def swap(order, tj):
+        t, j = tj
+        last = size - 1 - t
+        return order.at[last].set(order[j]).at[j].set(order[last]), None
+
+    order, _ = jax.lax.scan(swap, jnp.arange(size), (t, js))
+    return order[size - batch:]
+
+
 def minibatch(key, train, batch):
     k_batch, k = jax.random.split(key)
-    return train[jax.random.choice(k_batch, train.shape[0], (batch,), replace=False)], k
+    return train[subsample(k_batch, train.shape[0], batch)], k
 
 
 def handcoded_elbo(key, p, train, batch):
