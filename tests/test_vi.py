@@ -22,21 +22,7 @@ from jax.scipy.special import logsumexp
 import ppl
 import vi
 
-Z = 5.0  # standard errors allowed
-
-
-def estimates(objective, params, m, seed=0):
-    """m independent (value, grad) estimates, vmapped over keys."""
-    g = jax.jit(jax.vmap(vi.grad(objective), in_axes=(0, None)))
-    return g(jax.random.split(jax.random.key(seed), m), params)
-
-
-def assert_unbiased(samples, exact, z=Z):
-    samples = np.asarray(samples, dtype=np.float64)
-    mean = samples.mean(0)
-    se = samples.std(0, ddof=1) / math.sqrt(samples.shape[0])
-    exact = np.asarray(exact, dtype=np.float64)
-    assert np.all(np.abs(mean - exact) <= z * se + 1e-6), (mean, exact, se)
+from unbiased import Z, assert_unbiased, estimates
 
 
 # -- one site per family, f(x) with a closed-form expectation -----------------------------
@@ -454,14 +440,16 @@ def test_iwae_increases_with_k_toward_log_evidence():
     assert abs(means[0][0] - float(elbo_closed_form(params))) < Z * means[0][1]
 
 
-def test_vimco_gradient_unbiased_for_iwae():
-    # a discrete guide: b ~ Bern(sigmoid(l)), model b ~ Bern(0.3), y ~ N(2b, 1) observed;
-    # the IWAE bound's exact expectation by enumerating the K = 3 particles
-    @ppl.gen
-    def model():
-        b = ppl.sample("b", dist.Bernoulli(0.3))
-        return ppl.sample("y", dist.Normal(2.0 * b, 1.0))
+@ppl.gen
+def coin_model():
+    """b ~ Bern(0.3), y ~ N(2b, 1) (y observed at 0.5 in the tests)."""
+    b = ppl.sample("b", dist.Bernoulli(0.3))
+    return ppl.sample("y", dist.Normal(2.0 * b, 1.0))
 
+
+def test_vimco_gradient_unbiased_for_iwae():
+    # a discrete guide: b ~ Bern(sigmoid(l)) for coin_model; the IWAE bound's exact
+    # expectation by enumerating the K = 3 particles
     @ppl.gen
     def guide(logit):
         return ppl.sample("b", vi.reinforce(dist.Bernoulli(logits=logit)))
@@ -479,7 +467,7 @@ def test_vimco_gradient_unbiased_for_iwae():
 
     out = {}
     for name, make in (("vimco", vi.vimco), ("iwae", vi.iwae)):
-        obj = make(model, guide, (), {"y": 0.5}, 3)
+        obj = make(coin_model, guide, (), {"y": 0.5}, 3)
         v, g = estimates(obj, 0.2, 3000)
         assert_unbiased(v, exact(0.2))
         assert_unbiased(g, jax.grad(exact)(0.2))
@@ -591,19 +579,14 @@ def test_fit_checkpoint_resume_is_bit_exact(tmp_path):
 
 
 def test_fit_threads_the_moving_average_and_resumes_bit_exact(tmp_path):
-    # a discrete guide under reinforce with a moving-average baseline: b ~ Bern(0.3),
-    # y ~ N(2b, 1) observed; vi.fit carries the average in its scan and its checkpoints
-    @ppl.gen
-    def model():
-        b = ppl.sample("b", dist.Bernoulli(0.3))
-        return ppl.sample("y", dist.Normal(2.0 * b, 1.0))
-
+    # a discrete guide under reinforce with a moving-average baseline for coin_model;
+    # vi.fit carries the average in its scan and its checkpoints
     @ppl.gen
     def guide(logit):
         coin = dist.Bernoulli(logits=logit)
         return ppl.sample("b", vi.reinforce(coin, baseline="moving_average", decay=0.8))
 
-    objective = vi.elbo(model, guide, (), {"y": 0.5})
+    objective = vi.elbo(coin_model, guide, (), {"y": 0.5})
     key, params0 = jax.random.key(4), jnp.asarray(0.2)
     full, hist_full = vi.fit(key, objective, params0, optax.adam(0.05), 30, progress_bar=False, chunk_size=7)
     path = str(tmp_path / "ckpt.eqx")

@@ -23,21 +23,7 @@ import ppl
 import vi
 import vi._rsvi
 
-Z = 5.0  # standard errors allowed
-
-
-def estimates(objective, params, m, seed=0):
-    """m independent (value, grad) estimates, vmapped over keys."""
-    g = jax.jit(jax.vmap(vi.grad(objective), in_axes=(0, None)))
-    return g(jax.random.split(jax.random.key(seed), m), params)
-
-
-def assert_unbiased(samples, exact, z=Z):
-    samples = np.asarray(samples, dtype=np.float64)
-    mean = samples.mean(0)
-    se = samples.std(0, ddof=1) / math.sqrt(samples.shape[0])
-    exact = np.asarray(exact, dtype=np.float64)
-    assert np.all(np.abs(mean - exact) <= z * se), (mean, exact, se)
+from unbiased import assert_unbiased, estimates
 
 
 # -- the accepted noise's density ----------------------------------------------------------
