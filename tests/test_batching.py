@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
+import pytest
 
 import inference
 import ppl
@@ -57,6 +58,7 @@ def _is_key(x):
     return jax.dtypes.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)
 
 
+@pytest.mark.slow  # every run_nuts in CI steps through StepProgram; this compares it with plain vmap
 def test_step_program_equals_plain_vmap_through_warmup_and_after():
     """30 NUTS steps, 20 of them adapting: the counter is carried unbatched (a branch,
     not a select), the step size and mass matrix per chain; every state leaf and every

@@ -187,7 +187,7 @@ def test_a_resampled_particle_continues_as_its_ancestor(b, problems):
 # -- what the methods keep: choices and rewards, no KV caches ---------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["its_hub", "ratio"])
+@pytest.mark.parametrize("method", [pytest.param("its_hub", marks=pytest.mark.slow), "ratio"])
 def test_methods_read_from_the_choices_what_the_carries_say(b, problems, method):
     # The methods run the filter with history="choices" and rebuild each final particle's
     # text from its lineage's step tokens. Run the same filters directly with whole traces

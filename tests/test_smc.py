@@ -258,7 +258,7 @@ def test_resamplers_unbiased_and_low_variance():
         assert offspring_counts(RESAMPLERS[name], w, 7, 4000).var(0).sum() < 0.8 * mult, name
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(weights=st.lists(st.floats(0.02, 1.0), min_size=2, max_size=6),
        extra=st.integers(0, 4), seed=st.integers(0, 1000))
 def test_resamplers_unbiased_on_generated_weights(weights, extra, seed):
@@ -322,7 +322,7 @@ BUFFERED_OBS = {"s": {"y": YS}}
 @pytest.mark.parametrize("options", [
     {},
     {"ess_threshold": 1.0, "resampling": "multinomial", "is_finished": lambda c: c[2]},
-    {"ess_threshold": 1.0, "rejuvenation": inference.mh(("s", "x"))},
+    pytest.param({"ess_threshold": 1.0, "rejuvenation": inference.mh(("s", "x"))}, marks=pytest.mark.slow),
 ], ids=["plain", "is_finished", "rejuvenation"])
 def test_choices_history_is_the_same_run_without_carries(options):
     full = smc.particle_filter(jax.random.key(8), BUFFERED, BUFFERED_ARGS, BUFFERED_OBS, 24, **options)

@@ -99,7 +99,9 @@ def run_seeds(model, observations, site, options, num_particles=NUM_PARTICLES, n
     return [np.asarray(v, np.float64) for v in jax.jit(jax.vmap(one))(keys)]
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# the waste-free NUTS case in the slow set (waste-free HMC and MH stay in CI)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "beta_binomial-waste_free-nuts" else c
+                                  for c in CASES])
 def test_evidence_and_posterior_match_closed_form(case):
     model, observations, site, exact, options = CASES[case]
     log_z_exact, mean_exact, sd_exact = exact()

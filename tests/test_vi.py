@@ -521,6 +521,7 @@ def test_auto_normal_recovers_conjugate_posterior():
     assert abs(float(history[-100:].mean()) - LOG_Z) < 0.01
 
 
+@pytest.mark.slow  # 30 s; auto_normal's conjugate recovery and the flow guide tests stay in CI
 def test_auto_guides_cover_constrained_and_nested_sites():
     @ppl.gen
     def point(mu, sigma, x):
