@@ -39,6 +39,7 @@ def _step(k, state):
     return state, info.accept_prob
 
 
+@pytest.mark.slow  # heavy for the 15-minute CI budget: pytest -m slow runs it
 def test_states_hold_arguments_and_observations_once():
     n = 6
     keys = jax.random.split(jax.random.key(0), n)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -292,6 +293,7 @@ def test_regenerate_keeps_unselected_choices_and_weighs_them(model, seed, data):
     close(model.project(new, none), sum(new_terms[a] for a in observed_addresses(model.spec)))
 
 
+@pytest.mark.slow  # heavy for the 15-minute CI budget: pytest -m slow runs it
 @LAWS
 @given(models(), st.integers(0, 2**16))
 def test_jit_and_vmap_agree_with_eager(model, seed):

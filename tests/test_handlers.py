@@ -87,6 +87,7 @@ def test_unconstrained_density_by_change_of_variables():
     assert_close(g, -2.0 * np.exp(0.7) + 1.0)
 
 
+@pytest.mark.slow  # heavy for the 15-minute CI budget: pytest -m slow runs it
 def test_unconstrained_model_composes_with_jit_vmap_and_grad(key):
     model = inference.unconstrained(constrained)
     traces = jax.vmap(model.simulate, in_axes=(0, None))(jax.random.split(key, 4), (Y,))

@@ -313,6 +313,7 @@ def truncated():
     return x
 
 
+@pytest.mark.slow  # heavy for the 15-minute CI budget: pytest -m slow runs it
 def test_chains_that_start_outside_the_support_draw_a_new_start(monkeypatch):
     """uniform(-2, 2) starts land left of the wall 3 times in 4: those chains redraw,
     and the draws are the truncated normal's (mean phi(1) / (1 - Phi(1)) = 1.5251,
@@ -382,6 +383,7 @@ def flat_prior_model():
     return ppl.sample("y", dist.Normal(mu, s).expand((20,)))
 
 
+@pytest.mark.slow  # heavy for the 15-minute CI budget: pytest -m slow runs it
 def test_improper_flat_priors_sample_from_a_uniform_start(key):
     """With flat priors on mu and s, p(mu | y) is proportional to S(mu)^{-(n-1)/2}
     (S = sum of squares about mu): a Student-t centred at the sample mean with n - 2 dof
@@ -419,6 +421,7 @@ print("x64 ok")
 """
 
 
+@pytest.mark.slow  # heavy for the 15-minute CI budget: pytest -m slow runs it
 def test_nuts_runs_in_float64():
     out = subprocess.run([sys.executable, "-c", X64_SCRIPT], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -437,6 +440,7 @@ def correlated():
     return a + b + c.sum()
 
 
+@pytest.mark.slow  # heavy for the 15-minute CI budget: pytest -m slow runs it
 def test_block_dense_mass_adapts_one_block_and_a_diagonal():
     """dense_mass=[("a", "b")]: a dense 2x2 block for (a, b), a diagonal for c. The
     adapted block's correlation is the target's 0.95 (Welford over the last window of

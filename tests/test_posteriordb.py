@@ -59,7 +59,9 @@ def _at_reference_means(posterior, args, ref) -> dict:
     return choices
 
 
-@pytest.mark.parametrize("name", NAMES)
+# gp_pois_regr (13 s of compile) in the slow set with the full NUTS runs
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("gp_pois_regr") else n
+                                  for n in NAMES])
 def test_model_traces_and_is_finite_at_the_reference_means(name):
     posterior = models.POSTERIORS[name]
     data, ref = reference.load(name)

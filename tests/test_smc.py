@@ -261,6 +261,7 @@ def test_resamplers_unbiased_and_low_variance():
 @settings(max_examples=4, deadline=None)
 @given(weights=st.lists(st.floats(0.02, 1.0), min_size=2, max_size=6),
        extra=st.integers(0, 4), seed=st.integers(0, 1000))
+@pytest.mark.slow  # heavy for the 15-minute CI budget: pytest -m slow runs it
 def test_resamplers_unbiased_on_generated_weights(weights, extra, seed):
     check_laws(weights, n=len(weights) + extra, num_keys=2000, seed=seed)
 

@@ -792,6 +792,7 @@ def test_rws_fit_finds_the_maximum_likelihood_parameter():
     assert abs(float(guide_params["m"]) - float(post["m"])) < 0.05
 
 
+@pytest.mark.slow  # heavy for the 15-minute CI budget: pytest -m slow runs it
 def test_sivi_bound_tightens_toward_the_marginal_elbo():
     # psi ~ N(m, t), x | psi ~ N(psi, s): the marginal guide is N(m, sqrt(s^2 + t^2)),
     # whose ELBO is known in closed form; the SIVI bound is below it, rising with M.

@@ -230,7 +230,7 @@ def mixed():
 MIXED_SHAPES = {("mu",): (), ("sigma",): (3,), ("probs",): (3,), ("sub", "w"): (), ("points", "e"): (4,)}
 
 
-@pytest.mark.parametrize("flows", ["iaf", "planar"])
+@pytest.mark.parametrize("flows", [pytest.param("iaf", marks=pytest.mark.slow), "planar"])
 def test_flow_guide_sites_supports_and_scores(flows):
     guide, params = vi.flow_guide(mixed, flows=flows, key=jax.random.key(0), num_flows=2, hidden=(8,))
     assert params[0].dim == 1 + 3 + 2 + 1 + 4  # the simplex has 2 free coordinates
