@@ -260,19 +260,17 @@ def _chunk_program(key, own, shared, *, stepper, chunk_size, num_chains) -> conc
         def place(key, own, shared):
             return key, own, shared
     else:
-        own_shardings, replicated = shardings
-
         def place(key, own, shared):
             return (jax.device_put(key, replicated), [jax.device_put(o, s) for o, s in zip(own, own_shardings)],
                     jax.device_put(shared, replicated))
 
-    def abstract(x, sharding=None):
+    def abstract(x, sharding):
         t = jax.typeof(x) if not isinstance(x, jax.ShapeDtypeStruct) else x
         return jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding, weak_type=t.weak_type)
 
-    replicated = None if shardings is None else shardings[1]
+    own_shardings, replicated = shardings if shardings is not None else ([None] * len(own), None)
     args = (abstract(key, replicated), abstract(jnp.zeros((), jnp.uint32), replicated),
-            [abstract(o, None if shardings is None else s) for o, s in zip(own, shardings[0] if shardings else own)],
+            [abstract(o, s) for o, s in zip(own, own_shardings)],
             jax.tree.map(lambda x: abstract(x, replicated), shared))
     leaves = jax.tree.leaves(args)
     signature = (stepper, chunk_size, num_chains, jax.config.jax_enable_x64, len(jax.devices()),
@@ -297,12 +295,20 @@ def _shardings(num_chains: int, uniform: tuple):
     """`(own, replicated)`: the chains' `NamedSharding` per own leaf (split over the
     devices, or replicated for a uniform leaf) and the replicated one; None on one device
     or when the devices do not divide the chains."""
+    mesh = _chain_mesh(num_chains)
+    if mesh is None:
+        return None
+    chains, replicated = NamedSharding(mesh, PartitionSpec("chains")), NamedSharding(mesh, PartitionSpec())
+    return [replicated if u else chains for u in uniform], replicated
+
+
+def _chain_mesh(num_chains: int):
+    """A one-axis mesh ("chains") over the devices, or None on one device or when the
+    devices do not divide the chains."""
     devices = jax.devices()
     if len(devices) < 2 or num_chains % len(devices):
         return None
-    mesh = Mesh(np.asarray(devices), ("chains",))
-    chains, replicated = NamedSharding(mesh, PartitionSpec("chains")), NamedSharding(mesh, PartitionSpec())
-    return [replicated if u else chains for u in uniform], replicated
+    return Mesh(np.asarray(devices), ("chains",))
 
 
 @functools.partial(jax.jit, static_argnames=("stepper", "chunk_size", "num_chains"))
@@ -326,10 +332,9 @@ def _over_devices(fn, num_chains: int, uniform: tuple):
     (`shard_map`), so a NUTS chain's tree building waits only for the chains on its
     device, as with NumPyro's `chain_method="parallel"`; `shared` and the leaves every
     chain has in common (`uniform`) are replicated. On one device, `fn` itself."""
-    devices = jax.devices()
-    if len(devices) < 2 or num_chains % len(devices):
+    mesh = _chain_mesh(num_chains)
+    if mesh is None:
         return fn
-    mesh = Mesh(np.asarray(devices), ("chains",))
     chains, replicated = PartitionSpec("chains"), PartitionSpec()
     own = [replicated if u else chains for u in uniform]
     # check_vma off: numpyro's kernels mix per-chain and constant values in lax.cond
