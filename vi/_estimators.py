@@ -37,6 +37,7 @@ import ppl
 from ppl.extend import format_address, is_concrete
 
 from ._rsvi import RSVISample, gamma_parts
+from ._wrapped import Wrapped
 
 __all__ = ["reparam", "reinforce", "enum", "mvd", "rsvi", "Estimated", "SiteInfo", "ESTIMATORS", "site_info"]
 
@@ -46,7 +47,7 @@ BASELINES = ("leave_one_out", "moving_average")
 MAX_ENUMERATION = 4096
 
 
-class Estimated(dist.Distribution):
+class Estimated(Wrapped):
     """A distribution `base` that carries a gradient estimator name (and options).
 
     Sampling, densities, support and shapes are `base`'s; the vi constructs read
@@ -63,16 +64,11 @@ class Estimated(dist.Distribution):
                 f"vi.{estimator}: the distribution already carries the estimator "
                 f"vi.{base.estimator}; a site takes one estimator."
             )
-        self.base = base
+        super().__init__(base)
         self.estimator = estimator
         self.baseline = baseline
         self.decay = decay
         self.boost = boost
-        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
-
-    @property
-    def support(self):
-        return self.base.support
 
     @property
     def has_rsample(self):
@@ -84,12 +80,6 @@ class Estimated(dist.Distribution):
 
     def enumerate_support(self, expand=True):
         return self.base.enumerate_support(expand)
-
-    def sample(self, key, sample_shape=()):
-        return self.base.sample(key, sample_shape)
-
-    def log_prob(self, value):
-        return self.base.log_prob(value)
 
     @property
     def mean(self):
@@ -296,19 +286,8 @@ def site_info(site: ppl.Site) -> tuple[dist.Distribution, SiteInfo]:
     return d, SiteInfo("mvd", family=family, low=low, size=size)
 
 
-class _StopGradient(dist.Distribution):
+class _StopGradient(Wrapped):
     """`base` whose draws carry no gradient (a continuous site under reinforce)."""
-
-    def __init__(self, base):
-        self.base = base
-        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
-
-    @property
-    def support(self):
-        return self.base.support
 
     def sample(self, key, sample_shape=()):
         return jax.lax.stop_gradient(self.base.sample(key, sample_shape))
-
-    def log_prob(self, value):
-        return self.base.log_prob(value)

@@ -48,6 +48,7 @@ import ppl
 from ppl.extend import site_scores
 
 from ._estimators import Estimated, SiteInfo
+from ._wrapped import Wrapped
 
 __all__ = ["Continuation", "Score", "mvd_terms"]
 
@@ -57,7 +58,7 @@ sg = jax.lax.stop_gradient
 FREE, GIVEN, GEOMETRIC_TAIL = 0.0, 1.0, 2.0
 
 
-class Continuation(dist.Distribution):
+class Continuation(Wrapped):
     """A re-run's view of an mvd site: `base` with some coordinates given.
 
     `packed[..., 0]` is a value, `packed[..., 1]` a mode per coordinate: FREE (draw from
@@ -68,13 +69,8 @@ class Continuation(dist.Distribution):
     """
 
     def __init__(self, base: dist.Distribution, packed):
-        self.base = base
+        super().__init__(base)
         self.packed = packed
-        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
-
-    @property
-    def support(self):
-        return self.base.support
 
     def sample(self, key, sample_shape=()):
         drawn = self.base.sample(key, sample_shape)  # first: NotImplementedError reaches the core
@@ -87,11 +83,8 @@ class Continuation(dist.Distribution):
             moved = jnp.where(mode == GEOMETRIC_TAIL, value + tail, value)
         return jnp.where(mode == FREE, drawn, moved.astype(drawn.dtype))
 
-    def log_prob(self, value):
-        return self.base.log_prob(value)
 
-
-class Score(dist.Distribution):
+class Score(Wrapped):
     """The scoring run's view of an mvd site: `log_prob(x)` is, per coordinate, the
     surrogate piece whose gradient is the measure-valued derivative term.
 
@@ -103,17 +96,9 @@ class Score(dist.Distribution):
     """
 
     def __init__(self, base: dist.Distribution, weights, info: SiteInfo):
-        self.base = base
+        super().__init__(base)
         self.weights = weights
         self.info = info
-        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
-
-    @property
-    def support(self):
-        return self.base.support
-
-    def sample(self, key, sample_shape=()):
-        return self.base.sample(key, sample_shape)
 
     def log_prob(self, value):
         info, w = self.info, self.weights

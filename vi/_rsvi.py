@@ -51,6 +51,8 @@ from jax.scipy.special import gammaln
 import ppl
 from ppl.extend import format_address, site_scores
 
+from ._wrapped import Wrapped
+
 __all__ = ["RSVI_FAMILIES", "GammaParts", "gamma_parts", "RSVISample", "AcceptedNoise", "log_noise_density",
            "noise_scores"]
 
@@ -142,18 +144,14 @@ def log_noise_density(eps, a):
     return log_gamma + 0.5 * jnp.log(a - 1.0 / 3.0) + 2.0 * log_1p
 
 
-class RSVISample(dist.Distribution):
+class RSVISample(Wrapped):
     """`base` (a Gamma, Beta or Dirichlet site) drawn by the boosted Marsaglia-Tsang
     sampler, the draw a differentiable function of the parameters at fixed noise.
     Densities and support are `base`'s."""
 
     def __init__(self, base: dist.Distribution, parts: GammaParts, boost: int):
-        self.base, self.parts, self.boost = base, parts, boost
-        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
-
-    @property
-    def support(self):
-        return self.base.support
+        super().__init__(base)
+        self.parts, self.boost = parts, boost
 
     def sample(self, key, sample_shape=()):
         if sample_shape:
@@ -170,9 +168,6 @@ class RSVISample(dist.Distribution):
         if self.parts.family == "beta":
             x = x[..., 0]
         return jnp.clip(x, info.tiny, 1.0 - info.eps)
-
-    def log_prob(self, value):
-        return self.base.log_prob(value)
 
 
 class AcceptedNoise(dist.Distribution):
