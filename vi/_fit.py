@@ -94,7 +94,7 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x) if isinstance(x, (int, float)) else x, params)
     diff, static = eqx.partition(params, is_float_leaf)
     rest_dynamic, rest_static = partition(static)  # int arrays traced, the rest hashable
-    opt_state = optimizer.init(diff)
+    opt_state = _optimizer_init(optimizer)(diff)
     baselines = step_fn.init(key, params)
     history = np.zeros(num_steps, dtype=np.float32)
     done = 0
@@ -133,6 +133,13 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
         if bar is not None:
             bar.close()
     return eqx.combine(diff, static), jnp.asarray(history)
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer_init(optimizer):
+    """`optimizer.init` jitted once per optimizer: run eagerly it dispatches a zeros_like per
+    leaf and moment (4 ms per fit of a small VAE with Adam, 10% of a 200-step fit)."""
+    return jax.jit(optimizer.init)
 
 
 @functools.lru_cache(maxsize=64)
