@@ -19,7 +19,8 @@ Implementations (same data, same model, same priors):
 Output: one JSON line per (benchmark, impl) with
   first_call_s   wall time of the first call (trace + compile + warmup + sampling)
   run_s          median wall time of 5 repeat calls with the same shapes, new keys and
-                 (framework) new data values; NumPyro recompiles inside each `run()`
+                 new data values, the impls taking turns (round-robin); NumPyro recompiles
+                 inside each `run()`
   compile_s      first_call_s - run_s
   min_bulk_ess   minimum over every scalar parameter of the bulk ESS (numpyro.diagnostics),
                  the median over the repeat calls (one seed's minimum varies by ~20%)
@@ -174,26 +175,31 @@ def mean_and_se(samples, name, index=None):
     return float(v.mean()), float(v.std() / math.sqrt(effective_sample_size(v)))
 
 
-def measure(run, data_variants, repeats=5):
-    """First call, then `repeats` calls with new keys and data values;
-    (first_s, run_s, median over the repeats of the min bulk ESS, last samples)."""
-    t0 = time.perf_counter()
-    samples = run(jax.random.key(0), data_variants[0])
-    first = time.perf_counter() - t0
-    times, ess = [], []
-    for r in range(repeats):
+def measure(runs, data_variants, repeats=5):
+    """Each impl's first call, then `repeats` rounds in which every impl runs once with
+    new keys and data values, round-robin, so that a slow spell of the machine falls on
+    all impls alike. {impl: (first_s, run_s, median over the repeats of the min bulk ESS,
+    last samples)}."""
+    first, times, ess, samples = {}, {}, {}, {}
+    for impl, run in runs.items():
+        _common.log(f"first call: {impl}")
         t0 = time.perf_counter()
-        samples = run(jax.random.key(r + 1), data_variants[(r + 1) % len(data_variants)])
-        times.append(time.perf_counter() - t0)
-        ess.append(min_bulk_ess(samples))
-    return first, float(np.median(times)), float(np.median(ess)), samples
+        samples[impl] = run(jax.random.key(0), data_variants[0])
+        first[impl] = time.perf_counter() - t0
+    for r in range(repeats):
+        for impl, run in runs.items():
+            t0 = time.perf_counter()
+            samples[impl] = run(jax.random.key(r + 1), data_variants[(r + 1) % len(data_variants)])
+            times.setdefault(impl, []).append(time.perf_counter() - t0)
+            ess.setdefault(impl, []).append(min_bulk_ess(samples[impl]))
+    return {impl: (first[impl], float(np.median(times[impl])), float(np.median(ess[impl])), samples[impl])
+            for impl in runs}
 
 
 def bench(name, impls, data_variants, checks, warmup, draws):
     rows, means = [], {}
-    for impl, run in impls.items():
-        _common.log(f"{name}: {impl}")
-        first, run_s, ess, samples = measure(run, data_variants)
+    _common.log(name)
+    for impl, (first, run_s, ess, samples) in measure(impls, data_variants).items():
         means[impl] = {label: mean_and_se(samples, *spec) for label, spec in checks.items()}
         rows.append(dict(benchmark=name, impl=impl, chains=CHAINS, warmup=warmup, draws=draws,
                          first_call_s=round(first, 3), run_s=round(run_s, 3), compile_s=round(first - run_s, 3),

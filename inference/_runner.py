@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ppl
 from ppl.extend import (
     StatesProgram, StepProgram, check_args, check_count, check_key, combine, format_address, partition, progress_bar,
+    shows_progress,
 )
 
 from ._checks import IMPROPER_START, check_constraint_values
@@ -112,7 +113,8 @@ def run_mcmc(
       kernel: an `inference.Kernel` (`mh`, `mh_proposal`, `hmc`, `nuts`, `cycle`).
       constraints: observations, a choice map or nested dict; never moved.
       progress_bar: None shows a tqdm bar when stderr is a terminal and `CI` is unset.
-      chunk_size: steps per jitted scan between host updates (default: total / 20).
+      chunk_size: steps per jitted scan between host updates (default: total / 20 with a
+        progress bar, else all steps in one scan).
 
     Returns `Samples`: `samples[address]` is `[num_chains, num_samples, ...]` for every
     latent choice and deterministic site; `samples.info` the kernel's per-step info;
@@ -165,7 +167,10 @@ def run_mcmc(
     )
     inits = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), init)
     total = num_warmup + num_samples
-    chunk = int(chunk_size) if chunk_size is not None else max(1, math.ceil(total / _CHUNKS))
+    if chunk_size is not None:
+        chunk = int(chunk_size)
+    else:  # chunks feed the progress bar; with none shown, one scan
+        chunk = max(1, math.ceil(total / _CHUNKS)) if shows_progress(progress_bar) else total
     # The step program is traced from the starts' shapes, and the chunk program compiles in
     # a background thread while the chains start (their own compile and run): the two
     # compilations overlap instead of adding up.

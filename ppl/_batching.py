@@ -26,13 +26,63 @@ __all__ = ["vmap_shared", "vmap_states", "StateLayout", "StatesProgram", "StepPr
 
 
 def _dependents(jaxpr, sources) -> set:
-    """The variables of `jaxpr` that depend on any of `sources`, by a forward pass
-    (conservative: an equation with any dependent input makes all its outputs dependent)."""
+    """The variables of `jaxpr` that depend on any of `sources`, by a forward pass.
+
+    At least as conservative as `jax.vmap`'s batching, so that a variable found
+    independent is one vmap leaves unbatched: an equation with a dependent input makes
+    all its outputs dependent, except the control flow, followed inside as vmap does.
+    A `cond` on an independent index makes an output dependent only if a branch does
+    (numpyro's end-of-window step-size search stays a branch instead of a `select` run
+    at every warmup step); a `while`/`scan` carry becomes dependent by a fixed point over
+    the body (any dependent `while` predicate makes every carry dependent); a nested
+    `jit` is followed through its jaxpr.
+    """
     depends = set(sources)
     for eqn in jaxpr.eqns:
-        if any(not isinstance(v, Literal) and v in depends for v in eqn.invars):
-            depends.update(eqn.outvars)
+        inputs = [_depends(v, depends) for v in eqn.invars]
+        if not any(inputs):
+            continue
+        outputs = _equation_dependence(eqn, inputs)
+        depends.update(v for v, d in zip(eqn.outvars, outputs) if d)
     return depends
+
+
+def _flags(closed, inputs) -> list:
+    """Which outputs of the closed jaxpr `closed` depend on its inputs flagged in `inputs`."""
+    jaxpr = closed.jaxpr
+    depends = _dependents(jaxpr, [v for v, d in zip(jaxpr.invars, inputs) if d])
+    return [_depends(v, depends) for v in jaxpr.outvars]
+
+
+def _equation_dependence(eqn, inputs: list) -> list:
+    name, params, n = eqn.primitive.name, eqn.params, len(eqn.outvars)
+    if name == "cond":
+        if inputs[0]:  # a dependent index: vmap turns the cond into a select
+            return [True] * n
+        per_branch = [_flags(branch, inputs[1:]) for branch in params["branches"]]
+        return [any(flags) for flags in zip(*per_branch)]
+    if name == "while":
+        nc, nb = params["cond_nconsts"], params["body_nconsts"]
+        cond_consts, body_consts, carry = inputs[:nc], inputs[nc:nc + nb], inputs[nc + nb:]
+        while True:
+            if _flags(params["cond_jaxpr"], cond_consts + carry)[0]:
+                return [True] * n
+            new = [c or b for c, b in zip(carry, _flags(params["body_jaxpr"], body_consts + carry))]
+            if new == carry:
+                return carry
+            carry = new
+    if name == "scan":
+        nc, nk = params["num_consts"], params["num_carry"]
+        consts, carry, xs = inputs[:nc], inputs[nc:nc + nk], inputs[nc + nk:]
+        while True:
+            out = _flags(params["jaxpr"], consts + carry + xs)
+            new = [c or b for c, b in zip(carry, out[:nk])]
+            if new == carry:
+                return carry + out[nk:]
+            carry = new
+    if name in ("jit", "pjit"):
+        return _flags(params["jaxpr"], inputs)
+    return [True] * n
 
 
 def _depends(v, depends: set) -> bool:

@@ -38,12 +38,19 @@ def check_count(value, name: str, where: str, minimum: int = 1) -> int:
     return int(value)
 
 
-def progress_bar(enabled, total: int, desc: str, **tqdm_options):
-    """A tqdm bar over `total` steps, or None when off. `enabled=None` shows it when
-    stderr is a terminal and the `CI` environment variable is unset."""
+def shows_progress(enabled) -> bool:
+    """Whether `progress_bar(enabled, ...)` shows a bar: `enabled`, or for None, stderr is
+    a terminal and the `CI` environment variable is unset. A runner with no bar to feed
+    runs its steps as one jitted scan instead of chunks (each chunk boundary costs a
+    dispatch, about 8% of a 0.3 s NUTS run in 20 chunks)."""
     if enabled is None:
-        enabled = sys.stderr.isatty() and not os.environ.get("CI")
-    if not enabled:
+        return sys.stderr.isatty() and not os.environ.get("CI")
+    return bool(enabled)
+
+
+def progress_bar(enabled, total: int, desc: str, **tqdm_options):
+    """A tqdm bar over `total` steps, or None when off (see `shows_progress`)."""
+    if not shows_progress(enabled):
         return None
     from tqdm.auto import tqdm
 
@@ -64,6 +71,7 @@ __all__ = [
     "site_scores",
     "check_count",
     "progress_bar",
+    "shows_progress",
     "vmap_shared",
     "vmap_states",
     "StateLayout",

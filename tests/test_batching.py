@@ -61,8 +61,8 @@ def _is_key(x):
 
 @pytest.mark.slow  # every run_nuts in CI steps through StepProgram; this compares it with plain vmap
 def test_step_program_equals_plain_vmap_through_warmup_and_after():
-    """30 NUTS steps, 20 of them adapting: the counter is carried unbatched (a branch,
-    not a select), the step size and mass matrix per chain; every state leaf and every
+    """30 NUTS steps, 20 of them adapting: the counters are carried unbatched (warmup or
+    not, end of window: branches, not selects), the step size and mass matrix per chain; every state leaf and every
     acceptance probability equals the plain `jax.vmap(step)` run's. In float64: the
     shared design matrix is multiplied in another order than the batched copies, and in
     float32 that rounding difference can flip a tree-doubling decision in 30 steps."""
@@ -80,7 +80,10 @@ def _compare_with_plain_vmap():
     own = stepper.adopt(own, n)
     names = _own_paths(stepper.layout)
     uniform = {p for p, u in zip(names, stepper.layout.uniform) if u and p.startswith(".hmc")}
-    assert uniform == {".hmc.i"}, uniform  # the counter; the step size adapts per chain
+    # the counters (iteration, adaptation window, dual-averaging and Welford counts) and
+    # the adaptation's key; the step size and mass matrix adapt per chain
+    assert uniform == {".hmc.i", ".hmc.adapt_state.window_idx", ".hmc.adapt_state.ss_state[3]",
+                       ".hmc.adapt_state.mm_state[2]", ".hmc.adapt_state.rng_key"}, uniform
     assert ".hmc.adapt_state.step_size" in {p for p, u in zip(names, layout.uniform) if u}  # demoted
 
     plain = jax.vmap(lambda k: _start((k,), shared))(keys)
@@ -143,3 +146,36 @@ def test_vmap_shared_leaves_unbatched_what_depends_on_no_member():
     out, is_batched = vmap_shared(fn, jnp.arange(3.0))
     assert out["data"].shape == (4,) and out["own"].shape == (3, 4)
     assert sorted(is_batched) == [False, True]
+
+
+def test_dependence_follows_control_flow_as_vmap_batches_it():
+    """cond on a member-independent index, while and scan carries, nested jit: an output
+    is per member exactly when jax.vmap batches it, and the values equal plain vmap's.
+    A conservative reading (every output of an equation with a per-member input is per
+    member) would batch `window` here, and numpyro's end-of-window step-size search
+    would then run at every warmup step as a select."""
+    count = jnp.asarray(3, jnp.int32)
+
+    def fn(x):
+        # cond on an independent predicate: `window` passes through both branches
+        window, y = jax.lax.cond(count > 2, lambda w, v: (w + 1, v * 2.0), lambda w, v: (w, v), count, x)
+        # cond on a per-member predicate: a select, everything per member
+        sel_count, _ = jax.lax.cond(x > 0.5, lambda w, v: (w, v), lambda w, v: (w + 1, v), count, x)
+        # while: independent predicate, a carry that takes x only after a few steps
+        i, late, free = jax.lax.while_loop(lambda c: c[0] < 4, lambda c: (c[0] + 1, c[2] * x, c[2] + 1.0),
+                                           (0, 0.0, 1.0))
+        # while with a per-member predicate: every carry per member
+        j, _ = jax.lax.while_loop(lambda c: c[1] < x + 3.0, lambda c: (c[0] + 1, c[1] + 1.0), (0, 0.0))
+        # scan: an independent carry, a per-member one, a per-member output
+        (steps, acc), ys = jax.lax.scan(lambda c, t: ((c[0] + 1, c[1] + x * t), t * x), (0, 0.0), jnp.arange(3.0))
+        doubled = jax.jit(lambda w: w * 2)(window)
+        return dict(window=window, y=y, sel_count=sel_count, i=i, late=late, free=free, j=j, steps=steps, acc=acc,
+                    ys=ys, doubled=doubled)
+
+    xs = jnp.asarray([0.2, 0.9, 0.4])
+    out, _ = vmap_shared(fn, xs)
+    batched = {k for k, v in out.items() if jnp.ndim(v) > jnp.ndim(jax.eval_shape(fn, xs[0])[k])}
+    assert batched == {"y", "sel_count", "late", "j", "acc", "ys"}, batched
+    plain = jax.vmap(fn)(xs)
+    for k, v in plain.items():
+        np.testing.assert_allclose(jnp.broadcast_to(out[k], v.shape), v, rtol=1e-6)

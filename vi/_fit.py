@@ -23,6 +23,7 @@ import optax
 import ppl
 from ppl.extend import check_count, check_key, combine, partition
 from ppl.extend import progress_bar as ppl_progress_bar
+from ppl.extend import shows_progress
 
 from ._grad import is_float_leaf
 from ._stateful import stateful_grad
@@ -67,7 +68,8 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
 
     Options:
       progress_bar: None shows a tqdm bar when stderr is a terminal and `CI` is unset.
-      chunk_size: steps per jitted scan between host updates (default num_steps / 20).
+      chunk_size: steps per jitted scan between host updates (default num_steps / 20
+        with a progress bar, else all steps in one scan).
       checkpoint, checkpoint_every: save (params, optimizer state, moving-average
         baselines, step, history) to the file `checkpoint` every `checkpoint_every`
         steps (equinox serialisation). If the file exists when `fit` starts, the run
@@ -85,7 +87,10 @@ def fit(key, objective, params, optimizer, num_steps: int, *, num_samples: int =
         checkpoint_every = check_count(checkpoint_every, "checkpoint_every", "vi.fit")
         if checkpoint is None:
             raise ppl.ArgumentError("vi.fit: checkpoint_every needs checkpoint=<file path>.")
-    chunk = check_count(chunk_size, "chunk_size", "vi.fit") if chunk_size is not None else max(1, math.ceil(num_steps / _CHUNKS))
+    if chunk_size is not None:
+        chunk = check_count(chunk_size, "chunk_size", "vi.fit")
+    else:  # chunks feed the progress bar; with none shown, one scan
+        chunk = max(1, math.ceil(num_steps / _CHUNKS)) if shows_progress(progress_bar) else num_steps
     if checkpoint_every is not None:
         chunk = math.gcd(chunk, checkpoint_every)
     step_fn = _step_fn(objective, int(num_samples))
