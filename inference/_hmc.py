@@ -23,7 +23,7 @@ from numpyro.infer.hmc import hmc as numpyro_hmc
 from numpyro.infer.util import ParamInfo
 
 import ppl
-from ppl.extend import format_address, normalize_address
+from ppl.extend import format_address, normalize_address, unrolled_key
 
 from ._kernels import Kernel, _check_not_observed, _check_trace, _paths, _selected
 from ._unconstrained import to_constrained, to_unconstrained, unconstrained
@@ -240,7 +240,7 @@ def _kernel(config: _Config) -> Kernel:
         pe, z_grad = jax.value_and_grad(potential)(z)
         init_kernel, _ = numpyro_hmc(potential_fn=potential, algo=config.algo)
         state = init_kernel(
-            ParamInfo(z, pe, z_grad), int(num_warmup), **config.numpyro_options(), rng_key=jax.random.key(0)
+            ParamInfo(z, pe, z_grad), int(num_warmup), **config.numpyro_options(), rng_key=unrolled_key(jax.random.key(0))
         )
         state = state._replace(num_steps=jnp.asarray(state.num_steps, jnp.int32))  # as step's, under x64 too
         return HMCState(trace, state, moved, int(num_warmup))
@@ -296,7 +296,6 @@ def _position(trace, moved: tuple):
 
 
 def _typed(key):
-    dtype = getattr(key, "dtype", None)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        return key
-    return jax.random.wrap_key_data(key)
+    """The key numpyro's kernel splits in its inner loop (twice per leapfrog step), as
+    unrolled Threefry: one fused kernel on CPU instead of a loop over round blocks."""
+    return unrolled_key(key)

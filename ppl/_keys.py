@@ -37,7 +37,7 @@ from jax.extend.random import define_prng_impl, threefry_2x32
 
 from ._errors import ArgumentError
 
-__all__ = ["ParticleKey", "particle_key", "is_key", "site_key", "fold", "split", "step_key", "draw", "as_jax_key"]
+__all__ = ["ParticleKey", "particle_key", "is_key", "site_key", "fold", "split", "step_key", "draw", "as_jax_key", "unrolled_key"]
 
 _U32 = jnp.uint32
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -315,3 +315,26 @@ def as_jax_key(key):
         return jax.random.fold_in(key.key, key.index)
     kd = jax.random.key_data(key.key)
     return jax.random.wrap_key_data(jnp.concatenate([kd, key.index[None]]), impl=_PARTICLE_PRNG)
+
+
+def unrolled_key(key):
+    """`key` as a typed key whose `split`, `fold_in` and draws run Threefry unrolled.
+
+    For a library that splits keys in its inner loop (numpyro's NUTS splits twice per
+    leapfrog step). On CPU, `jax.random`'s threefry lowers to a loop over its five round
+    blocks, several small kernels per call; the unrolled form is one fused kernel:
+    eight schools under numpyro's NUTS, 4 chains vmapped, ran 11.5 -> 7.6 us per
+    leapfrog step.
+    Same Threefry-2x32 function, other derivations (the stream differs from `key`'s
+    own). A `ParticleKey` gives its particle's stream; a key of another PRNG
+    implementation is returned as it is.
+    """
+    if isinstance(key, ParticleKey):
+        return as_jax_key(key)
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if not _is_threefry(key):
+            return key
+        key = jax.random.key_data(key)
+    return jax.random.wrap_key_data(jnp.concatenate([jnp.asarray(key, _U32), jnp.zeros((1,), _U32)]),
+                                    impl=_PARTICLE_PRNG)

@@ -16,6 +16,7 @@ from ._batching import StateLayout, StatesProgram, StepProgram, vmap_shared, vma
 from ._distribution import is_concrete
 from ._errors import ArgumentError, format_address, normalize_address, suggest
 from ._gfi import check_args, check_key, check_selection
+from ._keys import unrolled_key
 from ._static import Static, combine, partition
 from ._trace import Trace
 
@@ -72,6 +73,7 @@ __all__ = [
     "check_count",
     "progress_bar",
     "shows_progress",
+    "unrolled_key",
     "vmap_shared",
     "vmap_states",
     "StateLayout",

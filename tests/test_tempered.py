@@ -215,7 +215,9 @@ def test_posteriordb_eight_schools():
     name = "eight_schools-eight_schools_noncentered"
     posterior = models.POSTERIORS[name]
     data, ref = reference.load(name)
-    res = smc.tempered(jax.random.key(0), posterior.model, posterior.args(data), {}, 2000, waste_free=100)
+    # 4,000 particles: tau's sd (a heavy right tail) from 2,000 missed the 20% band on 2 of
+    # seeds 0-2 (ratios 1.21, 0.89), from 4,000 its ratio was 0.96-1.03 on all three
+    res = smc.tempered(jax.random.key(0), posterior.model, posterior.args(data), {}, 4000, waste_free=100)
     draws = posterior.parameters({k: res[k][None] for k in posterior.reported})
     rows = reference.compare(ref, draws)
     assert all(row.is_pass for row in rows), reference.format_table(rows)
