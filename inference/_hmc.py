@@ -251,10 +251,12 @@ def _kernel(config: _Config) -> Kernel:
         potential = _potential(model, args, fixed, fixed_values)
         init_kernel, sample_kernel = numpyro_hmc(potential_fn=potential, algo=config.algo)
         # numpyro's sample_kernel reads settings its init_kernel stores in the closure
-        # (warmup schedule, integrator); with the current position given, this call
-        # evaluates nothing heavy and its result is discarded (dead code under jit).
+        # (warmup schedule, integrator, tree depth: Python values). Called under
+        # eval_shape, it sets them without putting its own work (a step-size search with
+        # gradients, dead code XLA would remove) into the step's program.
         h = state.hmc
-        init_kernel(ParamInfo(h.z, h.potential_energy, h.z_grad), state.num_warmup, **config.numpyro_options())
+        jax.eval_shape(lambda info: init_kernel(info, state.num_warmup, **config.numpyro_options()),
+                       ParamInfo(h.z, h.potential_energy, h.z_grad))
         new = sample_kernel(h._replace(rng_key=_typed(key)))
         new = new._replace(num_steps=jnp.asarray(new.num_steps, jnp.int32))  # HMC's is weakly typed
         trace = to_constrained(model, args, ppl.ChoiceMap(new.z).merge(fixed_values), fixed)
