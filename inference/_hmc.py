@@ -26,7 +26,7 @@ import ppl
 from ppl.extend import format_address, normalize_address, unrolled_key
 
 from ._kernels import Kernel, _check_not_observed, _check_trace, _paths, _selected
-from ._unconstrained import potential_model, to_constrained, to_unconstrained
+from ._unconstrained import to_constrained, to_unconstrained, unconstrained
 
 __all__ = ["hmc", "nuts", "HMCState", "HMCInfo"]
 
@@ -279,7 +279,7 @@ def _fixed(trace, moved: tuple):
 
 
 def _potential(model, args, fixed: tuple, fixed_values: ppl.ChoiceMap):
-    on_real_line = potential_model(model, fixed)
+    on_real_line = unconstrained(model, fixed)
 
     def potential(z):
         return -on_real_line.assess(ppl.ChoiceMap(z).merge(fixed_values), args)[0]

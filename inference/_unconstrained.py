@@ -33,7 +33,6 @@ import numpyro.distributions as dist
 from numpyro.distributions.transforms import biject_to
 
 import ppl
-from ppl.extend import support_is_fixed
 
 __all__ = ["unconstrained", "to_unconstrained", "to_constrained"]
 
@@ -54,17 +53,12 @@ class _OnRealLine(ppl.SiteHandler):
     constrained value is first mapped there when `from_constrained`. Sites whose path
     is in `fixed` are left alone."""
 
-    def __init__(self, from_constrained: bool = False, fixed: frozenset = frozenset(), checked: bool = False):
+    def __init__(self, from_constrained: bool = False, fixed: frozenset = frozenset()):
         self.from_constrained = from_constrained
         self.fixed = fixed
-        self.checked = checked
 
     def process(self, site):
-        if site.kind == "observed" or (site.kind == "latent" and site.path in self.fixed):
-            if self.checked and site.value is not None and support_is_fixed(site.fn):
-                return site._replace(in_support=True)
-            return site
-        if site.kind != "latent":
+        if site.kind != "latent" or site.path in self.fixed:
             return site
         t = _bijection(site)
         value = site.value
@@ -92,7 +86,7 @@ class _Constrain(ppl.SiteHandler):
 def _handler(kind: str, fixed: frozenset) -> ppl.SiteHandler:
     if kind == "constrain":
         return _Constrain(fixed)
-    return _OnRealLine(from_constrained=kind == "from_constrained", fixed=fixed, checked=kind == "potential")
+    return _OnRealLine(from_constrained=kind == "from_constrained", fixed=fixed)
 
 
 def _fixed_paths(fixed) -> frozenset:
@@ -122,16 +116,6 @@ def unconstrained(model: ppl.GenerativeFunction, fixed=None) -> ppl.GenerativeFu
     -1.0
     """
     return ppl.handle(model, _handler("on_real_line", _fixed_paths(fixed)))
-
-
-def potential_model(model: ppl.GenerativeFunction, fixed) -> ppl.GenerativeFunction:
-    """`unconstrained(model, fixed)` for a potential that re-scores values taken from a
-    scored trace: the fixed choices and the observations, whose supports were checked
-    when that trace was made (a -inf score would have said so). Where such a site's
-    support does not move with the parameters (`ppl.extend.support_is_fixed`), its
-    density is not masked again at every gradient: 15% of a logistic regression's NUTS
-    leapfrog step was the {0, 1} test of its 5,000 observations."""
-    return ppl.handle(model, _handler("potential", _fixed_paths(fixed)))
 
 
 def to_unconstrained(model: ppl.GenerativeFunction, args: tuple, choices, fixed=None) -> ppl.ChoiceMap:

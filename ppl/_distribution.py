@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
-from numpyro.distributions import Distribution, constraints
+from numpyro.distributions import Distribution
 
 from ._choicemap import ChoiceMap
 from ._errors import ArgumentError, ObservationError, format_address
@@ -31,7 +31,7 @@ from ._gfi import GenerativeFunction
 from ._keys import draw
 from ._trace import Trace
 
-__all__ = ["distribution", "DistributionGF", "log_density", "prepare_value", "is_concrete", "support_is_fixed"]
+__all__ = ["distribution", "DistributionGF", "log_density", "prepare_value", "is_concrete"]
 
 
 @contextlib.contextmanager
@@ -82,31 +82,6 @@ def in_support(d: Distribution, value) -> jax.Array:
     if support is None:
         return jnp.asarray(True)
     return jnp.all(support(value))
-
-
-# Supports that are one fixed set whatever the parameters (numpyro's singleton constraints).
-_FIXED_SUPPORTS = tuple(
-    getattr(constraints, name) for name in (
-        "real", "real_vector", "real_matrix", "positive", "nonnegative", "boolean", "nonnegative_integer",
-        "positive_integer", "unit_interval", "simplex", "sphere", "corr_cholesky", "corr_matrix",
-        "lower_cholesky", "scaled_unit_lower_cholesky", "positive_definite", "positive_semidefinite",
-        "positive_ordered_vector", "ordered_vector", "l1_ball", "circular",
-    ) if hasattr(constraints, name)
-)
-
-
-def support_is_fixed(d: Distribution) -> bool:
-    """True when the support of `d` does not depend on its parameters (Normal's real
-    line, Bernoulli's {0, 1}, Gamma's positive half-line), so a value once found in it
-    stays in it when the parameters move; False for Uniform(0, theta), Binomial(n, p)
-    and any support this cannot tell."""
-    try:
-        support = d.support
-    except NotImplementedError:
-        return False
-    while isinstance(support, constraints.independent):
-        support = support.base_constraint
-    return any(support is fixed for fixed in _FIXED_SUPPORTS)
 
 
 def is_concrete(x) -> bool:
@@ -239,7 +214,7 @@ class DistributionGF(GenerativeFunction):
 
     def _given(self, site, what):
         value, ok = prepare_value(site.path, site.fn, site.value, what)
-        lp = log_density(site.fn, value, check_support=not site.in_support)
+        lp = log_density(site.fn, value, check_support=True)
         return value, site.scale * (lp if ok is None else jnp.where(ok, lp, -jnp.inf))
 
     def _draw(self, key, site):

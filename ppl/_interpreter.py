@@ -196,7 +196,7 @@ class Run:
     def checked(self, site: Site, what: str):
         """`(value, scaled log density)` of a value supplied from outside the model."""
         value, ok = prepare_value(site.path, site.fn, site.value, what)
-        lp = log_density(site.fn, value, check_support=not site.in_support)
+        lp = log_density(site.fn, value, check_support=True)
         if ok is not None:
             lp = jnp.where(ok, lp, -jnp.inf)
         return value, site.scale * lp

@@ -52,14 +52,9 @@ class Site(NamedTuple):
                another parameterization (`u` on the real line, say) and `to_model` the
                map back (`x = t(u)`), the trace records `u` and scores it under `fn`
                while the body goes on with `x` (a reparameterization).
-      in_support: latent and observed sites with a given `value`: True when the handler
-               knows that value lies in the support of `fn` (it was checked before and
-               the support does not move with the parameters: `support_is_fixed(fn)`),
-               so its log density is not masked by a support test at every call (an
-               MCMC potential re-scores the same observations at every gradient).
 
-    Handlers return `site._replace(...)` to change `fn`, `value`, `scale`,
-    `to_model` or `in_support`; the other fields describe the call and are ignored if changed. Values inside `ppl.vmap` and
+    Handlers return `site._replace(...)` to change `fn`, `value`, `scale` or
+    `to_model`; the other fields describe the call and are ignored if changed. Values inside `ppl.vmap` and
     `ppl.scan` are per element or per step (the mapped axis is not visible).
     """
 
@@ -72,7 +67,6 @@ class Site(NamedTuple):
     scale: Any
     method: str
     to_model: Any = None
-    in_support: bool = False
 
 
 class SiteHandler:

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from ._batching import StateLayout, StatesProgram, StepProgram, vmap_shared, vmap_states
-from ._distribution import is_concrete, support_is_fixed
+from ._distribution import is_concrete
 from ._errors import ArgumentError, format_address, normalize_address, suggest
 from ._gfi import check_args, check_key, check_selection
 from ._keys import unrolled_key
@@ -74,7 +74,6 @@ __all__ = [
     "progress_bar",
     "shows_progress",
     "unrolled_key",
-    "support_is_fixed",
     "vmap_shared",
     "vmap_states",
     "StateLayout",

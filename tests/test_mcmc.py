@@ -476,34 +476,3 @@ def test_bad_dense_mass_blocks():
     trace, _ = correlated.generate(jax.random.key(0), {}, ())
     with pytest.raises(ppl.ArgumentError, match="'d'.*not move"):
         inference.nuts(dense_mass=[("a", "d")]).init(trace, num_warmup=10)
-
-
-def test_potential_skips_only_the_support_tests_that_cannot_fail():
-    """The HMC potential re-scores observations and fixed choices without the support
-    mask where the support does not move with the parameters (Bernoulli's {0, 1}); a
-    support that does (Uniform(0, theta)) is still tested at every evaluation."""
-    from inference._unconstrained import potential_model, unconstrained
-    from ppl.extend import support_is_fixed
-
-    assert support_is_fixed(dist.Bernoulli(logits=0.0)) and support_is_fixed(dist.Normal(jnp.zeros(3), 1.0).to_event(1))
-    assert not support_is_fixed(dist.Uniform(0.0, 2.0)) and not support_is_fixed(dist.Binomial(4, 0.5))
-
-    @ppl.gen
-    def model():
-        theta = ppl.sample("theta", dist.Exponential(1.0))
-        ppl.sample("u", dist.Uniform(0.0, theta), obs=1.5)
-        ppl.sample("b", dist.Bernoulli(logits=theta - 1.0).expand((3,)))
-        return theta
-
-    fixed = {"b": jnp.asarray([1, 0, 1])}
-    masked, checked = unconstrained(model, fixed), potential_model(model, fixed)
-    for log_theta in (0.5, 1.0, 2.0):  # theta > 1.5: both equal, finite
-        u = ppl.ChoiceMap({"theta": jnp.asarray(log_theta)}).merge(ppl.ChoiceMap(fixed))
-        np.testing.assert_allclose(checked.assess(u, ())[0], masked.assess(u, ())[0], rtol=1e-6)
-        assert np.isfinite(checked.assess(u, ())[0])
-    u = ppl.ChoiceMap({"theta": jnp.asarray(0.0)}).merge(ppl.ChoiceMap(fixed))  # theta = 1 < 1.5
-    with pytest.raises(ppl.ObservationError, match="outside the support"):  # known while tracing
-        checked.assess(u, ())
-    # traced (as in a sampler's step): -inf
-    lp = jax.jit(lambda t: checked.assess(ppl.ChoiceMap({"theta": t}).merge(ppl.ChoiceMap(fixed)), ())[0])
-    assert lp(jnp.asarray(0.0)) == -jnp.inf and np.isfinite(lp(jnp.asarray(1.0)))
