@@ -257,7 +257,9 @@ def _kernel(config: _Config) -> Kernel:
         h = state.hmc
         jax.eval_shape(lambda info: init_kernel(info, state.num_warmup, **config.numpyro_options()),
                        ParamInfo(h.z, h.potential_energy, h.z_grad))
-        new = sample_kernel(h._replace(rng_key=_typed(key)))
+        # numpyro splits this key twice per leapfrog step: as unrolled Threefry, one
+        # fused kernel on CPU instead of a loop over round blocks
+        new = sample_kernel(h._replace(rng_key=unrolled_key(key)))
         new = new._replace(num_steps=jnp.asarray(new.num_steps, jnp.int32))  # HMC's is weakly typed
         trace = to_constrained(model, args, ppl.ChoiceMap(new.z).merge(fixed_values), fixed)
         info = HMCInfo(new.accept_prob, new.diverging, new.num_steps, h.adapt_state.step_size, new.potential_energy)
@@ -296,8 +298,3 @@ def _position(trace, moved: tuple):
     z = {a: u[a] for a in moved}
     return z, _potential(model, args, fixed, fixed_values)
 
-
-def _typed(key):
-    """The key numpyro's kernel splits in its inner loop (twice per leapfrog step), as
-    unrolled Threefry: one fused kernel on CPU instead of a loop over round blocks."""
-    return unrolled_key(key)
