@@ -22,8 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import ppl
 from ppl.extend import (
-    StatesProgram, StepProgram, check_args, check_count, check_key, combine, format_address, partition, progress_bar,
-    shows_progress,
+    StatesProgram, StepProgram, check_args, check_count, check_key, combine, default_chunk, format_address, partition,
+    progress_bar,
 )
 
 from ._checks import IMPROPER_START, check_constraint_values
@@ -34,7 +34,6 @@ from ._unconstrained import to_constrained, to_unconstrained
 
 __all__ = ["run_mcmc", "run_nuts"]
 
-_CHUNKS = 20  # progress-bar updates per run
 
 
 def run_nuts(
@@ -167,10 +166,7 @@ def run_mcmc(
     )
     inits = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), init)
     total = num_warmup + num_samples
-    if chunk_size is not None:
-        chunk = int(chunk_size)
-    else:  # chunks feed the progress bar; with none shown, one scan
-        chunk = max(1, math.ceil(total / _CHUNKS)) if shows_progress(progress_bar) else total
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk(total, progress_bar)
     # The step program is traced from the starts' shapes, and the chunk program compiles in
     # a background thread while the chains start (their own compile and run): the two
     # compilations overlap instead of adding up.
