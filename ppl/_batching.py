@@ -63,26 +63,39 @@ def _equation_dependence(eqn, inputs: list) -> list:
         return [any(flags) for flags in zip(*per_branch)]
     if name == "while":
         nc, nb = params["cond_nconsts"], params["body_nconsts"]
-        cond_consts, body_consts, carry = inputs[:nc], inputs[nc:nc + nb], inputs[nc + nb:]
-        while True:
-            if _flags(params["cond_jaxpr"], cond_consts + carry)[0]:
-                return [True] * n
-            new = [c or b for c, b in zip(carry, _flags(params["body_jaxpr"], body_consts + carry))]
-            if new == carry:
-                return carry
-            carry = new
+        cond_consts, body_consts = inputs[:nc], inputs[nc:nc + nb]
+
+        def while_body(carry):
+            if _flags(params["cond_jaxpr"], cond_consts + carry)[0]:  # a per-member predicate
+                return [True] * len(carry), []
+            return _flags(params["body_jaxpr"], body_consts + carry), []
+
+        carry, _ = _loop_fixed_point(inputs[nc + nb:], while_body)
+        return carry
     if name == "scan":
         nc, nk = params["num_consts"], params["num_carry"]
-        consts, carry, xs = inputs[:nc], inputs[nc:nc + nk], inputs[nc + nk:]
-        while True:
+        consts, xs = inputs[:nc], inputs[nc + nk:]
+
+        def scan_body(carry):
             out = _flags(params["jaxpr"], consts + carry + xs)
-            new = [c or b for c, b in zip(carry, out[:nk])]
-            if new == carry:
-                return carry + out[nk:]
-            carry = new
+            return out[:nk], out[nk:]
+
+        carry, ys = _loop_fixed_point(inputs[nc:nc + nk], scan_body)
+        return carry + ys
     if name in ("jit", "pjit"):
         return _flags(params["jaxpr"], inputs)
     return [True] * n
+
+
+def _loop_fixed_point(carry: list, body) -> tuple:
+    """A loop's carry flags, grown until `body(carry) -> (carry_out, ys)` adds none:
+    `(carry, ys)` at the fixed point."""
+    while True:
+        carry_out, ys = body(carry)
+        new = [c or b for c, b in zip(carry, carry_out)]
+        if new == carry:
+            return carry, ys
+        carry = new
 
 
 def _depends(v, depends: set) -> bool:
