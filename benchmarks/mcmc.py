@@ -18,12 +18,13 @@ Implementations (same data, same model, same priors):
 
 Output: one JSON line per (benchmark, impl) with
   first_call_s   wall time of the first call (trace + compile + warmup + sampling)
-  run_s          median wall time of 5 repeat calls with the same shapes, new keys and
+  run_s          median wall time of 10 repeat calls with the same shapes, new keys and
                  new data values, the impls taking turns (round-robin); NumPyro recompiles
                  inside each `run()`
   compile_s      first_call_s - run_s
   min_bulk_ess   minimum over every scalar parameter of the bulk ESS (numpyro.diagnostics),
-                 the median over the repeat calls (one seed's minimum varies by ~20%)
+                 the mean over the repeat calls (one seed's minimum varies by ~20%), and
+                 min_bulk_ess_se its standard error (sd over the repeats / sqrt(repeats))
   ess_per_s      min_bulk_ess / run_s; ratio_ess_per_s_vs_best_peer: this over the best of
                  the NumPyro and BlackJAX rows of the same benchmark
   means          posterior means of two parameters, to see that the impls agree
@@ -175,10 +176,10 @@ def mean_and_se(samples, name, index=None):
     return float(v.mean()), float(v.std() / math.sqrt(effective_sample_size(v)))
 
 
-def measure(runs, data_variants, repeats=5):
+def measure(runs, data_variants, repeats=10):
     """Each impl's first call, then `repeats` rounds in which every impl runs once with
     new keys and data values, round-robin, so that a slow spell of the machine falls on
-    all impls alike. {impl: (first_s, run_s, median over the repeats of the min bulk ESS,
+    all impls alike. {impl: (first_s, run_s, mean and s.e. over the repeats of the min bulk ESS,
     last samples)}."""
     first, times, ess, samples = {}, {}, {}, {}
     for impl, run in runs.items():
@@ -192,7 +193,8 @@ def measure(runs, data_variants, repeats=5):
             samples[impl] = run(jax.random.key(r + 1), data_variants[(r + 1) % len(data_variants)])
             times.setdefault(impl, []).append(time.perf_counter() - t0)
             ess.setdefault(impl, []).append(min_bulk_ess(samples[impl]))
-    return {impl: (first[impl], float(np.median(times[impl])), float(np.median(ess[impl])), samples[impl])
+    return {impl: (first[impl], float(np.median(times[impl])),
+                   (float(np.mean(ess[impl])), float(np.std(ess[impl], ddof=1) / math.sqrt(repeats))), samples[impl])
             for impl in runs}
 
 
@@ -203,7 +205,8 @@ def bench(name, impls, data_variants, checks, warmup, draws):
         means[impl] = {label: mean_and_se(samples, *spec) for label, spec in checks.items()}
         rows.append(dict(benchmark=name, impl=impl, chains=CHAINS, warmup=warmup, draws=draws,
                          first_call_s=round(first, 3), run_s=round(run_s, 3), compile_s=round(first - run_s, 3),
-                         min_bulk_ess=round(ess, 1), ess_per_s=round(ess / run_s, 1),
+                         min_bulk_ess=round(ess[0], 1), min_bulk_ess_se=round(ess[1], 1),
+                         ess_per_s=round(ess[0] / run_s, 1),
                          means={k: round(v[0], 4) for k, v in means[impl].items()}))
     # the last data variant is the one every impl finished on: compare means there
     for impl in means:
