@@ -77,9 +77,9 @@ def _survey(model, args, constraints) -> dict:
     if signature not in _SURVEYS:
         survey = _Survey()
         handled = ppl.handle(model, survey)
-        jax.eval_shape(
-            lambda k, dyn, cons: handled.generate(k, cons, combine(dyn, static)),
-            jax.random.key(0), dynamic, constraints,
+        jax.eval_shape(  # the key made while tracing: no eager op to compile
+            lambda dyn, cons: handled.generate(jax.random.key(0), cons, combine(dyn, static)),
+            dynamic, constraints,
         )
         _SURVEYS[signature] = survey.sites
     return _SURVEYS[signature]
@@ -107,8 +107,15 @@ def check_constraint_values(model, args: tuple, constraints: ppl.ChoiceMap, wher
                 )
         if support is None:
             continue
-        with jax.ensure_compile_time_eval():  # also when called inside a user's jit
-            inside = bool(jnp.all(support(jnp.asarray(value))))
+        # numpyro's constraints are operator expressions: on a host array of the dtype JAX
+        # would hold, they run in numpy and compile nothing (one small XLA program per
+        # check and shape otherwise, 0.1 s at a run's first call)
+        inside = support(host.astype(jax.dtypes.canonicalize_dtype(host.dtype)))
+        if isinstance(inside, (bool, np.bool_, np.ndarray)):
+            inside = bool(np.all(inside))
+        else:
+            with jax.ensure_compile_time_eval():  # also when called inside a user's jit
+                inside = bool(jnp.all(inside))
         if not inside:
             raise ppl.ObservationError(
                 f"{where}: constraint for site {format_address(address)} lies outside the support "

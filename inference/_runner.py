@@ -155,41 +155,38 @@ def run_mcmc(
             f"({', '.join(map(format_address, observed)) or 'none'}): there is nothing to sample. "
             "Remove a constraint, or evaluate the density with model.assess instead."
         )
-    k_init, k_run = jax.random.split(key)
     # The chains' states hold the arguments and observations once, not once per chain
     # (`own` is the per-chain part): every gradient reads the one copy.
     shared = (dynamic, constraints)
-    keys = jax.random.split(k_init, num_chains)
     program = _start_program(
-        keys[0], dynamic, constraints, init, static=static, model=model, kernel=kernel, num_warmup=num_warmup,
+        key, dynamic, constraints, init, static=static, model=model, kernel=kernel, num_warmup=num_warmup,
         observed=observed, latent=latent, init_strategy=init_strategy,
     )
-    inits = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), init)
     total = num_warmup + num_samples
     chunk = int(chunk_size) if chunk_size is not None else default_chunk(total, progress_bar)
     # The step program is traced from the starts' shapes, and the chunk program compiles in
     # a background thread while the chains start (their own compile and run): the two
-    # compilations overlap instead of adding up.
-    own_shape = jax.eval_shape(functools.partial(_init, program=program), keys, inits, shared)
-    stepper = _step_program(program, kernel, _Collect(latent, deterministic), keys[0], own_shape, shared)
-    chunk_program = _chunk_program(k_run, stepper.adopt(own_shape, num_chains), shared, stepper=stepper,
-                                   chunk_size=chunk, num_chains=num_chains)
-    own = _init(keys, inits, shared, program=program)
-    view = functools.partial(program.layout.join, shared=shared, broadcast=_host_broadcast(num_chains))
+    # compilations overlap instead of adding up. Keys are split inside the compiled
+    # programs: an eager `jax.random.split` compiles a program of its own at a first call.
+    stepper = _step_program(program, kernel, _Collect(latent, deterministic), key, program.own_shapes(num_chains),
+                            shared)
+    chunk_program = _chunk_program(key, stepper.adopt(program.own_shapes(num_chains), num_chains), shared,
+                                   stepper=stepper, chunk_size=chunk, num_chains=num_chains)
+    start = functools.partial(_start, program=program, stepper=stepper, num_chains=num_chains)
+    own, k_run = start(key, np.uint32(0), init, shared)
+    view = functools.partial(stepper.layout.join, shared=shared, broadcast=_host_broadcast(num_chains))
     bad = _bad_chains(view(own))
     # As Stan and NumPyro: a chain that starts where the density or its gradient is not
     # finite draws a new start, up to _INIT_ATTEMPTS times; then the error names the site.
     for attempt in range(1, _INIT_ATTEMPTS if bad.any() and _random_start(latent, init) else 0):
-        retry = _init(jax.random.split(jax.random.fold_in(k_init, attempt), num_chains), inits, shared,
-                      program=program)
+        retry, _ = start(key, np.uint32(attempt), init, shared)
         take = jnp.asarray(bad)
         own = [o if u else jnp.where(take.reshape((-1,) + (1,) * (jnp.ndim(o) - 1)), r, o)
-               for o, r, u in zip(own, retry, program.layout.uniform)]
+               for o, r, u in zip(own, retry, stepper.layout.uniform)]
         bad = _bad_chains(view(own))
         if not bad.any():
             break
     _check_initial(view(own), bad, model, where, _INIT_ATTEMPTS if _random_start(latent, init) else 1)
-    own = stepper.adopt(own, num_chains)
     run_chunk, place = chunk_program.result()
     k_run, own, shared = place(k_run, own, shared)
     bar = _progress(progress_bar, total, num_warmup, num_chains)
@@ -211,7 +208,7 @@ def run_mcmc(
     pending = None
     try:
         for index in range(math.ceil(total / chunk)):
-            own, chunk_out = run_chunk(k_run, jnp.asarray(index, jnp.uint32), own, shared)
+            own, chunk_out = run_chunk(k_run, np.uint32(index), own, shared)
             if pending is not None:
                 settle(*pending)
             done = index * chunk
@@ -222,7 +219,7 @@ def run_mcmc(
     finally:
         if bar is not None:
             bar.close()
-    join = lambda *xs: jnp.asarray(np.concatenate(xs, axis=1))  # noqa: E731
+    join = lambda *xs: jax.device_put(np.concatenate(xs, axis=1))  # noqa: E731  (jnp.asarray compiles a copy)
     samples = Samples(
         jax.tree.map(join, *kept_draws), jax.tree.map(join, *kept_info), deterministic=deterministic
     )
@@ -249,8 +246,8 @@ _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_pre
 
 def _chunk_program(key, own, shared, *, stepper, chunk_size, num_chains) -> concurrent.futures.Future:
     """A future of `(run, place)`: `run(key, index, own, shared)` is `_run_chunk` for these
-    chains, compiled ahead of time from the shapes of `own` in a background thread (XLA
-    releases the GIL while it compiles) and cached by signature, so a second run with the
+    chains, traced and lowered here from the shapes of `own`, compiled in a background
+    thread (XLA releases the GIL while it compiles) and cached by signature, so a second run with the
     same shapes compiles nothing; `place(key, own, shared)` puts the inputs where `run`
     expects them. With several devices the chains' leaves are split over them and the
     rest replicated (`NamedSharding`s), from the first chunk on: the program is compiled
@@ -262,7 +259,7 @@ def _chunk_program(key, own, shared, *, stepper, chunk_size, num_chains) -> conc
             return key, own, shared
     else:
         def place(key, own, shared):
-            return (jax.device_put(key, replicated), [jax.device_put(o, s) for o, s in zip(own, own_shardings)],
+            return (jax.device_put(key, replicated), [_split_put(o, s) for o, s in zip(own, own_shardings)],
                     jax.device_put(shared, replicated))
 
     def abstract(x, sharding):
@@ -270,17 +267,20 @@ def _chunk_program(key, own, shared, *, stepper, chunk_size, num_chains) -> conc
         return jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding, weak_type=t.weak_type)
 
     own_shardings, replicated = shardings if shardings is not None else ([None] * len(own), None)
-    args = (abstract(key, replicated), abstract(jnp.zeros((), jnp.uint32), replicated),
+    args = (abstract(key, replicated), abstract(jax.ShapeDtypeStruct((), jnp.uint32), replicated),
             [abstract(o, s) for o, s in zip(own, own_shardings)],
             jax.tree.map(lambda x: abstract(x, replicated), shared))
     leaves = jax.tree.leaves(args)
     signature = (stepper, chunk_size, num_chains, jax.config.jax_enable_x64, len(jax.devices()),
                  jax.tree.structure(args), tuple((x.shape, x.dtype, x.weak_type) for x in leaves))
     if signature not in _CHUNK_PROGRAMS:
+        # Traced and lowered here, compiled in the background: tracing in the background
+        # too would contend for the GIL with the chains' start, whose compile then waits.
+        lowered = _run_chunk.trace(*args, stepper=stepper, chunk_size=chunk_size, num_chains=num_chains).lower()
+
         def compile_chunk():
             try:
-                compiled = _run_chunk.trace(*args, stepper=stepper, chunk_size=chunk_size,
-                                            num_chains=num_chains).lower().compile()
+                compiled = lowered.compile()
             except BaseException:
                 del _CHUNK_PROGRAMS[signature]  # the next call tries again (and raises in its thread)
                 raise
@@ -290,6 +290,15 @@ def _chunk_program(key, own, shared, *, stepper, chunk_size, num_chains) -> conc
 
         _CHUNK_PROGRAMS[signature] = _COMPILER.submit(compile_chunk)
     return _CHUNK_PROGRAMS[signature]
+
+
+def _split_put(leaf, sharding):
+    """`jax.device_put(leaf, sharding)` through the host: put from one device, a leaf split
+    over several compiles a slicing program per shape (0.06 s each at a first call)."""
+    if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
+        data = jax.device_put(np.asarray(jax.random.key_data(leaf)), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+    return jax.device_put(np.asarray(leaf), sharding)
 
 
 def _shardings(num_chains: int, uniform: tuple):
@@ -389,18 +398,27 @@ def _step_program(program: StatesProgram, kernel: Kernel, collect, key, own, sha
     return _STEPPERS[program, kernel, collect]
 
 
-@functools.partial(jax.jit, static_argnames=("program",))
-def _init(keys, inits, shared, *, program):
-    return program((keys, inits), shared)
+@functools.partial(jax.jit, static_argnames=("program", "stepper", "num_chains"))
+def _start(key, attempt, init, shared, *, program, stepper, num_chains):
+    """`(own, k_run)`: the chains' starts, held as `stepper` steps them, and the key of
+    their steps. Attempt 0 draws the first starts; attempt a > 0 redraws them all."""
+    k_init, k_run = jax.random.split(key)
+    keys = jax.lax.cond(attempt == 0, lambda: jax.random.split(k_init, num_chains),
+                        lambda: jax.random.split(jax.random.fold_in(k_init, attempt), num_chains))
+    inits = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), init)
+    return stepper.adopt(program((keys, inits), shared), num_chains), k_run
 
 
 def _host_broadcast(num_chains: int):
     """A leaf held once with a leading chain axis, for inspection: a zero-copy host view
-    (a key array, which has no host form, is broadcast on its device)."""
+    (a key array, which has no host form, is rewrapped from its broadcast key data:
+    `jnp.broadcast_to` would compile a program)."""
 
     def broadcast(leaf):
         if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
-            return jnp.broadcast_to(leaf, (num_chains,) + jnp.shape(leaf))
+            data = np.asarray(jax.random.key_data(leaf))
+            return jax.random.wrap_key_data(np.broadcast_to(data, (num_chains,) + data.shape),
+                                            impl=jax.random.key_impl(leaf))
         return np.broadcast_to(np.asarray(leaf), (num_chains,) + np.shape(leaf))
 
     return broadcast

@@ -109,7 +109,8 @@ class Samples:
     @property
     def divergences(self) -> jax.Array:
         """`[num_chains]` number of divergent transitions among the draws."""
-        return jnp.sum(is_divergent(self.info), axis=1) if self._draws else jnp.zeros((0,), jnp.int32)
+        counts = np.sum(is_divergent(self.info), axis=1, dtype=np.int32) if self._draws else np.zeros((0,), np.int32)
+        return jax.device_put(counts)  # summed on the host: an eager jnp.sum compiles a program
 
     def to_dict(self) -> dict:
         """`{name: [num_chains, num_draws, ...]}` with names as in `keys()`."""
@@ -253,16 +254,17 @@ def _diagnostic(fn, x: np.ndarray) -> np.ndarray:
         return np.asarray(fn(x))
 
 
-def is_divergent(info) -> jax.Array:
-    """Whether each step of a kernel's info pytree diverged (any HMC part of a cycle)."""
+def is_divergent(info) -> np.ndarray:
+    """Whether each step of a kernel's info pytree diverged (any HMC part of a cycle), on
+    the host."""
     from ._hmc import HMCInfo
 
-    flags = [leaf.is_divergent for leaf in jax.tree.leaves(info, is_leaf=lambda x: isinstance(x, HMCInfo))
-             if isinstance(leaf, HMCInfo)]
+    flags = [np.asarray(leaf.is_divergent)
+             for leaf in jax.tree.leaves(info, is_leaf=lambda x: isinstance(x, HMCInfo)) if isinstance(leaf, HMCInfo)]
     if not flags:
         leaves = jax.tree.leaves(info)
-        shape = jnp.shape(leaves[0]) if leaves else (0, 0)
-        return jnp.zeros(shape, bool)
+        shape = np.shape(leaves[0]) if leaves else (0, 0)
+        return np.zeros(shape, bool)
     out = flags[0]
     for f in flags[1:]:
         out = out | f

@@ -202,6 +202,13 @@ class StatesProgram:
         self._closed = closed
         self.layout = StateLayout(jax.tree.structure(out_shape), sources, uniform)
 
+    def own_shapes(self, n: int) -> list:
+        """The `jax.ShapeDtypeStruct`s of `program(batched, shared)` for a batch of n,
+        read off the trace (no new trace, unlike `jax.eval_shape`)."""
+        own = [aval for aval, source in zip(self._closed.out_avals, self.layout.sources) if source is None]
+        return [jax.ShapeDtypeStruct(a.shape if u else (n,) + a.shape, a.dtype, weak_type=a.weak_type)
+                for a, u in zip(own, self.layout.uniform)]
+
     def __call__(self, batched, shared) -> list:
         flat_shared = jax.tree.leaves(shared)
         in_axes = [0] * self._num_batched + [None] * len(flat_shared)
@@ -262,8 +269,16 @@ class StepProgram:
         flat_shared = jax.tree.leaves(shared)
         own_axes = [None if u else 0 for u in self.layout.uniform]
         num_out = len(self._closed.jaxpr.outvars) - self._num_own
-        leaves = jax.vmap(jaxpr_as_fun(self._closed), in_axes=[0] + own_axes + [None] * len(flat_shared),
-                          out_axes=own_axes + [0] * num_out)(keys, *own, *flat_shared)
+        if jax.numpy.shape(keys)[0] == 1:
+            # One member (one chain per device): stepped as is, not vmapped, so that a
+            # lax.cond on its values stays a branch; under vmap it becomes a select that
+            # runs both sides (NUTS tree building).
+            leaves = jaxpr_as_fun(self._closed)(keys[0], *[o if a is None else o[0] for o, a in zip(own, own_axes)],
+                                                *flat_shared)
+            leaves = [x if a is None else x[None] for x, a in zip(leaves, own_axes + [0] * num_out)]
+        else:
+            leaves = jax.vmap(jaxpr_as_fun(self._closed), in_axes=[0] + own_axes + [None] * len(flat_shared),
+                              out_axes=own_axes + [0] * num_out)(keys, *own, *flat_shared)
         return leaves[: self._num_own], jax.tree.unflatten(self._out_def, leaves[self._num_own:])
 
 

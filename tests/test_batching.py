@@ -179,3 +179,32 @@ def test_dependence_follows_control_flow_as_vmap_batches_it():
     plain = jax.vmap(fn)(xs)
     for k, v in plain.items():
         np.testing.assert_allclose(jnp.broadcast_to(out[k], v.shape), v, rtol=1e-6)
+
+
+def test_one_member_is_stepped_without_vmap_so_a_cond_stays_a_branch():
+    """One chain per device: a cond on the member's own value stays a branch (under
+    vmap it becomes a select that runs both sides); states and outputs equal plain
+    vmap's, and a uniform counter stays unbatched."""
+
+    def start(batched, shared):
+        (k,) = batched
+        return {"count": jnp.zeros((), jnp.int32), "x": jax.random.normal(k) + shared}
+
+    def step(k, state):
+        x = jax.lax.cond(state["x"] > 0, lambda v: v - jax.random.uniform(k), lambda v: v + 1.0, state["x"])
+        return {"count": state["count"] + 1, "x": x}, 2.0 * x
+
+    shared = jnp.asarray(0.5)
+    for n in (1, 3):
+        keys = jax.random.split(jax.random.key(0), n)
+        layout, own = vmap_states(start, (keys,), shared)
+        stepper = StepProgram(step, layout, keys[0], own, shared)
+        own = stepper.adopt(own, n)
+        step_keys = jax.random.split(jax.random.key(1), n)
+        eqns = jax.make_jaxpr(lambda o: stepper(step_keys, o, shared))(own).jaxpr.eqns
+        assert ("cond" in {e.primitive.name for e in eqns}) == (n == 1), (n, eqns)
+        (count, x), out = stepper(step_keys, own, shared)
+        plain, plain_out = jax.vmap(step)(step_keys, jax.vmap(lambda k: start((k,), shared))(keys))
+        assert count.shape == () and int(count) == 1
+        np.testing.assert_array_equal(x, plain["x"])
+        np.testing.assert_array_equal(out, plain_out)

@@ -115,14 +115,14 @@ def test_predictive_shapes(normal_samples):
 
 
 def test_second_run_with_new_data_compiles_nothing(normal_samples):
-    from inference._runner import _CHUNK_PROGRAMS, _init, _run_chunk
+    from inference._runner import _CHUNK_PROGRAMS, _run_chunk, _start
 
     first = inference.run_nuts(jax.random.key(5), normal_normal, (5,), {"y": Y + 1.0}, **RUN)
-    traces, init_cache = TRACES["normal"], _init._cache_size()
+    traces, init_cache = TRACES["normal"], _start._cache_size()
     chunks = (len(_CHUNK_PROGRAMS), _run_chunk._cache_size())  # compiled ahead of time / jitted (devices > 1)
     second = inference.run_nuts(jax.random.key(5), normal_normal, (5,), {"y": Y - 1.0}, **RUN)
     assert TRACES["normal"] == traces, "the model was traced again"
-    assert (len(_CHUNK_PROGRAMS), _run_chunk._cache_size()) == chunks and _init._cache_size() == init_cache
+    assert (len(_CHUNK_PROGRAMS), _run_chunk._cache_size()) == chunks and _start._cache_size() == init_cache
     assert len(_CHUNK_PROGRAMS) + _run_chunk._cache_size() > 0
     # same key, data shifted by 2: the posterior mean moves by 2 * 5/6
     assert abs(float(first["mu"].mean() - second["mu"].mean()) - 2 * 5 / 6) < 0.2
@@ -306,6 +306,28 @@ def test_non_finite_initial_density_names_the_site():
                            progress_bar=False)  # a given start is not redrawn
 
 
+
+def test_a_first_run_compiles_two_programs_and_no_eager_op():
+    """The chains' start and the chunk of steps: no key split, support check, transfer to
+    the devices or divergence count compiles a program of its own (each is 0.03-0.15 s of
+    a first call). Shapes no other test uses (7 observations, 3 chains), so nothing is
+    cached from before."""
+    compiled, y = [], np.linspace(0.0, 1.0, 7, dtype=np.float32)
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        samples = inference.run_nuts(jax.random.key(11), normal_normal, (7,), {"y": y},
+                                     num_warmup=50, num_samples=50, num_chains=3, progress_bar=False)
+        samples.divergences, samples.summary()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert sorted(compiled) == ["jit(_run_chunk)", "jit(_start)"], compiled
+
+
 @ppl.gen
 def truncated():
     x = ppl.sample("x", dist.Normal(0.0, 1.0))
@@ -321,13 +343,13 @@ def test_chains_that_start_outside_the_support_draw_a_new_start(monkeypatch):
     import inference._runner as runner
 
     calls = []
-    original = runner._init
+    original = runner._start
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "_init", counting)
+    monkeypatch.setattr(runner, "_start", counting)
     samples = inference.run_nuts(jax.random.key(3), truncated, (), None, num_warmup=300, num_samples=500,
                                  num_chains=4, progress_bar=False)
     assert len(calls) > 1  # some chain had to redraw
