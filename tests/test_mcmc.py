@@ -312,6 +312,13 @@ def test_a_first_run_compiles_two_programs_and_no_eager_op():
     the devices or divergence count compiles a program of its own (each is 0.03-0.15 s of
     a first call). Shapes no other test uses (7 observations, 3 chains), so nothing is
     cached from before."""
+    import concurrent.futures
+
+    from inference._runner import _CHUNK_PROGRAMS
+
+    # an earlier test's chunk may still compile in the background (a run that raised
+    # after submitting it): let it finish before listening
+    concurrent.futures.wait(list(_CHUNK_PROGRAMS.values()))
     compiled, y = [], np.linspace(0.0, 1.0, 7, dtype=np.float32)
 
     def listen(event, duration, **kwargs):
