@@ -125,7 +125,7 @@ def to_unconstrained(model: ppl.GenerativeFunction, args: tuple, choices, fixed=
     the `fixed` addresses are returned unchanged.
     """
     handled = ppl.handle(model, _handler("from_constrained", _fixed_paths(fixed)))
-    trace, _ = handled.generate(_NO_DRAW_KEY, choices, args)
+    trace, _ = handled.generate(_no_draw_key(), choices, args)
     _check_complete(model, trace, choices, "to_unconstrained")
     return trace.choices
 
@@ -138,13 +138,19 @@ def to_constrained(model: ppl.GenerativeFunction, args: tuple, unconstrained_cho
     their own space and used as they are.
     """
     handled = ppl.handle(model, _handler("constrain", _fixed_paths(fixed)))
-    trace, _ = handled.generate(_NO_DRAW_KEY, unconstrained_choices, args)
+    trace, _ = handled.generate(_no_draw_key(), unconstrained_choices, args)
     _check_complete(model, trace, unconstrained_choices, "to_constrained")
     return trace.inner
 
 
-# Every latent choice is given, so nothing is drawn; the key only satisfies the GFI.
-_NO_DRAW_KEY = jax.random.key(0)
+@functools.cache
+def _no_draw_key():
+    """Every latent choice is given, so nothing is drawn; the key only satisfies the GFI.
+    Made at first use, not at import: importing the package must not start JAX's backend
+    (the CPU device count can still be set after `import inference`). A concrete key even
+    when first asked for inside a trace, so the cached value is never a tracer."""
+    with jax.ensure_compile_time_eval():
+        return jax.random.key(0)
 
 
 def _check_complete(model, trace, given, where: str) -> None:

@@ -88,3 +88,22 @@ def test_nuts_chains_run_one_shard_per_device():
     out = subprocess.run([sys.executable, "-c", NUTS_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sharded chains ok" in out.stdout
+
+
+def test_importing_the_packages_leaves_the_device_count_open():
+    """Importing the packages makes no JAX array, so the CPU device count can still be set
+    afterwards (as numpyro.set_host_device_count does, through XLA_FLAGS)."""
+    script = textwrap.dedent(
+        """
+        import ppl, inference, smc, smc.llm, vi
+        import numpyro
+        numpyro.set_host_device_count(4)
+        import jax
+        print("devices", jax.device_count())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "devices 4" in out.stdout, out.stdout
