@@ -292,13 +292,19 @@ def _chunk_program(key, own, shared, *, stepper, chunk_size, num_chains) -> conc
     return _CHUNK_PROGRAMS[signature]
 
 
+def _through_host(leaf, fn):
+    """`fn(array)` on the leaf's host copy, so no eager XLA op (each compiles a program of
+    its own at a first call); a key array, which has no host form, goes through its key
+    data and is wrapped again."""
+    if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(fn(np.asarray(jax.random.key_data(leaf))), impl=jax.random.key_impl(leaf))
+    return fn(np.asarray(leaf))
+
+
 def _split_put(leaf, sharding):
     """`jax.device_put(leaf, sharding)` through the host: put from one device, a leaf split
     over several compiles a slicing program per shape (0.06 s each at a first call)."""
-    if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
-        data = jax.device_put(np.asarray(jax.random.key_data(leaf)), sharding)
-        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
-    return jax.device_put(np.asarray(leaf), sharding)
+    return _through_host(leaf, lambda a: jax.device_put(a, sharding))
 
 
 def _shardings(num_chains: int, uniform: tuple):
@@ -410,18 +416,8 @@ def _start(key, attempt, init, shared, *, program, stepper, num_chains):
 
 
 def _host_broadcast(num_chains: int):
-    """A leaf held once with a leading chain axis, for inspection: a zero-copy host view
-    (a key array, which has no host form, is rewrapped from its broadcast key data:
-    `jnp.broadcast_to` would compile a program)."""
-
-    def broadcast(leaf):
-        if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
-            data = np.asarray(jax.random.key_data(leaf))
-            return jax.random.wrap_key_data(np.broadcast_to(data, (num_chains,) + data.shape),
-                                            impl=jax.random.key_impl(leaf))
-        return np.broadcast_to(np.asarray(leaf), (num_chains,) + np.shape(leaf))
-
-    return broadcast
+    """A leaf held once with a leading chain axis, for inspection: a zero-copy host view."""
+    return lambda leaf: _through_host(leaf, lambda a: np.broadcast_to(a, (num_chains,) + a.shape))
 
 
 _SITES: dict = {}
