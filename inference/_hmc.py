@@ -239,9 +239,8 @@ def _kernel(config: _Config) -> Kernel:
         z, potential = _position(trace, moved)
         pe, z_grad = jax.value_and_grad(potential)(z)
         init_kernel, _ = numpyro_hmc(potential_fn=potential, algo=config.algo)
-        state = init_kernel(
-            ParamInfo(z, pe, z_grad), int(num_warmup), **config.numpyro_options(), rng_key=unrolled_key(jax.random.key(0))
-        )
+        state = init_kernel(ParamInfo(z, pe, z_grad), int(num_warmup), **config.numpyro_options(),
+                            rng_key=unrolled_key(jax.random.key(0)))
         state = state._replace(num_steps=jnp.asarray(state.num_steps, jnp.int32))  # as step's, under x64 too
         return HMCState(trace, state, moved, int(num_warmup))
 

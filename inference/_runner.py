@@ -168,10 +168,10 @@ def run_mcmc(
     # a background thread while the chains start (their own compile and run): the two
     # compilations overlap instead of adding up. Keys are split inside the compiled
     # programs: an eager `jax.random.split` compiles a program of its own at a first call.
-    stepper = _step_program(program, kernel, _Collect(latent, deterministic), key, program.own_shapes(num_chains),
-                            shared)
-    chunk_program = _chunk_program(key, stepper.adopt(program.own_shapes(num_chains), num_chains), shared,
-                                   stepper=stepper, chunk_size=chunk, num_chains=num_chains)
+    own_shapes = program.own_shapes(num_chains)
+    stepper = _step_program(program, kernel, _Collect(latent, deterministic), key, own_shapes, shared)
+    chunk_program = _chunk_program(key, stepper.adopt(own_shapes, num_chains), shared, stepper=stepper,
+                                   chunk_size=chunk, num_chains=num_chains)
     start = functools.partial(_start, program=program, stepper=stepper, num_chains=num_chains)
     own, k_run = start(key, np.uint32(0), init, shared)
     view = functools.partial(stepper.layout.join, shared=shared, broadcast=_host_broadcast(num_chains))
@@ -219,7 +219,8 @@ def run_mcmc(
     finally:
         if bar is not None:
             bar.close()
-    join = lambda *xs: jax.device_put(np.concatenate(xs, axis=1))  # noqa: E731  (jnp.asarray compiles a copy)
+    # jax.device_put, not jnp.asarray: that compiles a copy program per shape
+    join = lambda *xs: jax.device_put(np.concatenate(xs, axis=1))  # noqa: E731
     samples = Samples(
         jax.tree.map(join, *kept_draws), jax.tree.map(join, *kept_info), deterministic=deterministic
     )
@@ -247,8 +248,8 @@ _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_pre
 def _chunk_program(key, own, shared, *, stepper, chunk_size, num_chains) -> concurrent.futures.Future:
     """A future of `(run, place)`: `run(key, index, own, shared)` is `_run_chunk` for these
     chains, traced and lowered here from the shapes of `own`, compiled in a background
-    thread (XLA releases the GIL while it compiles) and cached by signature, so a second run with the
-    same shapes compiles nothing; `place(key, own, shared)` puts the inputs where `run`
+    thread (XLA releases the GIL while it compiles) and cached by signature, so a second
+    run with the same shapes compiles nothing; `place(key, own, shared)` puts the inputs where `run`
     expects them. With several devices the chains' leaves are split over them and the
     rest replicated (`NamedSharding`s), from the first chunk on: the program is compiled
     once, for the layout its own outputs have.

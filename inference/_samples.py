@@ -109,8 +109,9 @@ class Samples:
     @property
     def divergences(self) -> jax.Array:
         """`[num_chains]` number of divergent transitions among the draws."""
-        counts = np.sum(is_divergent(self.info), axis=1, dtype=np.int32) if self._draws else np.zeros((0,), np.int32)
-        return jax.device_put(counts)  # summed on the host: an eager jnp.sum compiles a program
+        # summed on the host: an eager jnp.sum compiles a program
+        counts = np.sum(is_divergent(self.info), axis=1, dtype=np.int32) if self._draws else np.zeros(0, np.int32)
+        return jax.device_put(counts)
 
     def to_dict(self) -> dict:
         """`{name: [num_chains, num_draws, ...]}` with names as in `keys()`."""

@@ -273,8 +273,8 @@ class StepProgram:
             # One member (one chain per device): stepped as is, not vmapped, so that a
             # lax.cond on its values stays a branch; under vmap it becomes a select that
             # runs both sides (NUTS tree building).
-            leaves = jaxpr_as_fun(self._closed)(keys[0], *[o if a is None else o[0] for o, a in zip(own, own_axes)],
-                                                *flat_shared)
+            member = [o if a is None else o[0] for o, a in zip(own, own_axes)]
+            leaves = jaxpr_as_fun(self._closed)(keys[0], *member, *flat_shared)
             leaves = [x if a is None else x[None] for x, a in zip(leaves, own_axes + [0] * num_out)]
         else:
             leaves = jax.vmap(jaxpr_as_fun(self._closed), in_axes=[0] + own_axes + [None] * len(flat_shared),

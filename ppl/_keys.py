@@ -37,7 +37,10 @@ from jax.extend.random import define_prng_impl, threefry_2x32
 
 from ._errors import ArgumentError
 
-__all__ = ["ParticleKey", "particle_key", "is_key", "site_key", "fold", "split", "step_key", "draw", "as_jax_key", "unrolled_key"]
+__all__ = [
+    "ParticleKey", "particle_key", "is_key", "site_key", "fold", "split", "step_key", "draw", "as_jax_key",
+    "unrolled_key",
+]
 
 _U32 = jnp.uint32
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
