@@ -115,8 +115,9 @@ def test_predictive_shapes(normal_samples):
 
 
 def test_second_run_with_new_data_compiles_nothing(normal_samples):
-    from inference._runner import _CHUNK_PROGRAMS, _run_chunk, _start
+    from inference._runner import _CHUNK_PROGRAMS, _run_chunk, _start_for
 
+    _start = _start_for(jax.default_backend())
     first = inference.run_nuts(jax.random.key(5), normal_normal, (5,), {"y": Y + 1.0}, **RUN)
     traces, init_cache = TRACES["normal"], _start._cache_size()
     chunks = (len(_CHUNK_PROGRAMS), _run_chunk._cache_size())  # compiled ahead of time / jitted (devices > 1)
@@ -332,7 +333,42 @@ def test_a_first_run_compiles_two_programs_and_no_eager_op():
         samples.divergences, samples.summary()
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
-    assert sorted(compiled) == ["jit(_run_chunk)", "jit(_start)"], compiled
+    assert sorted(compiled) == ["jit(_run_chunk)", "jit(_start_chains)"], compiled
+
+
+def test_the_cpu_start_compiled_without_llvm_optimizations_gives_the_optimized_starts(monkeypatch):
+    """On CPU the start program is compiled with LLVM's optimizations and XLA's fusion
+    emitters off (it runs once; its compile overlaps the chunk's). Its starts must be the
+    ones the default compile gives, on a model with every kind of site and a constrained
+    one: the same key bits, and float leaves equal up to rounding (float32: rtol 1e-5,
+    where reordered sums differ by a few ulps)."""
+    import inference._runner as runner
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the start is compiled with these options on CPU only")
+    calls = []
+    original = runner._start
+
+    def spying(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_start", spying)
+    inference.run_nuts(jax.random.key(12), every_site, (4,), {("pts", "y"): XS}, num_warmup=2, num_samples=2,
+                       num_chains=2, progress_bar=False)
+    args, kwargs = calls[0]
+    unoptimized = runner._start_for("cpu")
+    optimized = jax.jit(runner._start_chains, static_argnames=("program", "stepper", "num_chains"))
+    a, b = unoptimized(*args, **kwargs), optimized(*args, **kwargs)
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @ppl.gen
