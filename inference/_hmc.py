@@ -31,24 +31,37 @@ from ._unconstrained import to_constrained, to_unconstrained, unconstrained
 __all__ = ["hmc", "nuts", "HMCState", "HMCInfo"]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["trace", "hmc"], meta_fields=["moved", "num_warmup"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["trace", "hmc"],
+                   meta_fields=["moved", "num_warmup", "shapes"])
 @dataclasses.dataclass(frozen=True)
 class HMCState:
     """State of the HMC/NUTS kernels.
 
     Fields:
       trace:      the model's trace at the current position (constrained values).
-      hmc:        numpyro's `HMCState`; `hmc.z` is a dict tuple path -> value of the moved
-                  choices on the real line, `hmc.adapt_state` the step size and inverse
-                  mass matrix (a dict block -> matrix with block-structured `dense_mass`).
+      hmc:        numpyro's `HMCState`; `hmc.z` (and `hmc.z_grad`) holds the moved choices
+                  on the real line, one vector `[d]` with the sites in `moved` order
+                  (`position()` gives them per site), or, with a block-structured
+                  `dense_mass`, a dict tuple path -> value, as numpyro's block mass
+                  matrices index by site. `hmc.adapt_state` holds the step size and the
+                  inverse mass matrix (`[d]`, `[d, d]`, or a dict block -> matrix).
       moved:      (static) the addresses HMC moves, tuple paths.
       num_warmup: (static) steps `0 .. num_warmup - 1` adapt step size and mass matrix.
+      shapes:     (static) each moved site's shape and dtype on the real line, in `moved`
+                  order, when `hmc.z` is one vector; None when it is a dict.
     """
 
     trace: ppl.Trace
     hmc: NumpyroHMCState
     moved: tuple
     num_warmup: int
+    shapes: tuple | None = None
+
+    def position(self, grad: bool = False) -> dict:
+        """The moved choices on the real line (or, with `grad=True`, the gradient there of
+        the potential energy U = -log density), a dict tuple path -> array; leading batch
+        axes are kept."""
+        return _per_site(self.hmc.z_grad if grad else self.hmc.z, self.moved, self.shapes)
 
 
 class HMCInfo(NamedTuple):
@@ -236,18 +249,18 @@ def _kernel(config: _Config) -> Kernel:
                 "is observed or unselected). Sample at least one site without obs= or a constraint."
             )
         _check_blocks(config, moved, name)
-        z, potential = _position(trace, moved)
+        z, potential, shapes = _position(trace, moved, flat=not isinstance(config.dense_mass, tuple))
         pe, z_grad = jax.value_and_grad(potential)(z)
         init_kernel, _ = numpyro_hmc(potential_fn=potential, algo=config.algo)
         state = init_kernel(ParamInfo(z, pe, z_grad), int(num_warmup), **config.numpyro_options(),
                             rng_key=unrolled_key(jax.random.key(0)))
         state = state._replace(num_steps=jnp.asarray(state.num_steps, jnp.int32))  # as step's, under x64 too
-        return HMCState(trace, state, moved, int(num_warmup))
+        return HMCState(trace, state, moved, int(num_warmup), shapes)
 
     def step(key, state):
         model, args = state.trace.gen_fn, state.trace.args
         fixed, fixed_values = _fixed(state.trace, state.moved)
-        potential = _potential(model, args, fixed, fixed_values)
+        potential = _potential(model, args, fixed, fixed_values, state.moved, state.shapes)
         init_kernel, sample_kernel = numpyro_hmc(potential_fn=potential, algo=config.algo)
         # numpyro's sample_kernel reads settings its init_kernel stores in the closure
         # (warmup schedule, integrator, tree depth: Python values). Called under
@@ -260,14 +273,15 @@ def _kernel(config: _Config) -> Kernel:
         # fused kernel on CPU instead of a loop over round blocks
         new = sample_kernel(h._replace(rng_key=unrolled_key(key)))
         new = new._replace(num_steps=jnp.asarray(new.num_steps, jnp.int32))  # HMC's is weakly typed
-        trace = to_constrained(model, args, ppl.ChoiceMap(new.z).merge(fixed_values), fixed)
+        u = _per_site(new.z, state.moved, state.shapes)
+        trace = to_constrained(model, args, ppl.ChoiceMap(u).merge(fixed_values), fixed)
         info = HMCInfo(new.accept_prob, new.diverging, new.num_steps, h.adapt_state.step_size, new.potential_energy)
-        return HMCState(trace, new, state.moved, state.num_warmup), info
+        return dataclasses.replace(state, trace=trace, hmc=new), info
 
     def refresh(state, trace):
-        z, potential = _position(trace, state.moved)
+        z, potential, _ = _position(trace, state.moved, flat=state.shapes is not None)
         pe, z_grad = jax.value_and_grad(potential)(z)
-        return HMCState(trace, state.hmc._replace(z=z, potential_energy=pe, z_grad=z_grad), state.moved, state.num_warmup)
+        return dataclasses.replace(state, trace=trace, hmc=state.hmc._replace(z=z, potential_energy=pe, z_grad=z_grad))
 
     return Kernel(init, step, refresh)
 
@@ -279,21 +293,42 @@ def _fixed(trace, moved: tuple):
     return fixed, ppl.ChoiceMap({a: choices[a] for a in fixed})
 
 
-def _potential(model, args, fixed: tuple, fixed_values: ppl.ChoiceMap):
+def _potential(model, args, fixed: tuple, fixed_values: ppl.ChoiceMap, moved: tuple, shapes):
     on_real_line = unconstrained(model, fixed)
 
     def potential(z):
-        return -on_real_line.assess(ppl.ChoiceMap(z).merge(fixed_values), args)[0]
+        return -on_real_line.assess(ppl.ChoiceMap(_per_site(z, moved, shapes)).merge(fixed_values), args)[0]
 
     return potential
 
 
-def _position(trace, moved: tuple):
-    """`(z, potential)`: the moved choices of `trace` on the real line, a dict tuple path
-    -> array (the form numpyro's block mass matrices index by site), and U."""
+def _position(trace, moved: tuple, flat: bool):
+    """`(z, potential, shapes)`: the moved choices of `trace` on the real line, U, and each
+    site's (shape, dtype) there. With `flat`, `z` is one vector, the sites raveled in
+    `moved` order (numpyro's integrator and mass matrix then work on one array instead of
+    one per site); else a dict tuple path -> array (the form numpyro's block mass matrices
+    index by site) and `shapes` is None."""
     model, args = trace.gen_fn, trace.args
     fixed, fixed_values = _fixed(trace, moved)
     u = to_unconstrained(model, args, trace.choices, fixed)
-    z = {a: u[a] for a in moved}
-    return z, _potential(model, args, fixed, fixed_values)
+    z, shapes = {a: u[a] for a in moved}, None
+    if flat:
+        shapes = tuple((tuple(jnp.shape(z[a])), jnp.result_type(z[a]).name) for a in moved)
+        z = jnp.concatenate([jnp.ravel(z[a]) for a in moved])
+    return z, _potential(model, args, fixed, fixed_values, moved, shapes), shapes
+
+
+def _per_site(z, moved: tuple, shapes, xp=jnp):
+    """A dict tuple path -> array from `z`: one vector `[..., d]`, the sites raveled in
+    `moved` order, when `shapes` is given (else `z` is already the dict). `xp=np` for host
+    arrays (no XLA op)."""
+    if shapes is None:
+        return dict(z)
+    out, start, z = {}, 0, xp.asarray(z)
+    batch = xp.shape(z)[:-1]
+    for a, (shape, dtype) in zip(moved, shapes):
+        size = math.prod(shape)
+        out[a] = xp.reshape(z[..., start:start + size], batch + shape).astype(dtype)
+        start += size
+    return out
 

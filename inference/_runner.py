@@ -27,7 +27,7 @@ from ppl.extend import (
 )
 
 from ._checks import IMPROPER_START, check_constraint_values
-from ._hmc import HMCState, nuts
+from ._hmc import HMCState, _per_site, nuts
 from ._kernels import CycleState, Kernel
 from ._samples import Samples
 from ._unconstrained import to_constrained, to_unconstrained
@@ -493,7 +493,7 @@ def _bad_chains(states) -> np.ndarray:
     bad = ~np.isfinite(score)
     for h in _hmc_states(states):
         bad |= ~np.isfinite(np.asarray(h.hmc.potential_energy))
-        for g in h.hmc.z_grad.values():
+        for g in _per_site(h.hmc.z_grad, h.moved, h.shapes, np).values():
             bad |= ~np.all(np.isfinite(np.asarray(g)).reshape(score.shape[0], -1), axis=1)
     return bad
 
@@ -504,7 +504,8 @@ def _check_initial(states, bad: np.ndarray, model, where: str, attempts: int) ->
         return
     score = np.asarray(states.trace.score)
     grads = [(address, np.all(np.isfinite(np.asarray(g)).reshape(score.shape[0], -1), axis=1))
-             for h in _hmc_states(states) for address, g in h.hmc.z_grad.items()]
+             for h in _hmc_states(states)
+             for address, g in _per_site(h.hmc.z_grad, h.moved, h.shapes, np).items()]
     tried = f" (after {attempts} random starts)" if attempts > 1 else ""
     c = int(np.argmax(bad))
     trace = jax.tree.map(lambda x: x[c], states.trace)

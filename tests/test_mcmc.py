@@ -208,6 +208,40 @@ def test_nuts_with_every_kind_of_site():
     assert pred["o"].shape == (2, 500) and bool(jnp.all(pred["o"] == 0.3))  # obs= keeps its value
 
 
+@ppl.gen
+def shaped():
+    w = ppl.sample("w", dist.Dirichlet(jnp.ones(3)))  # a simplex: 2 reals
+    m = ppl.sample("m", dist.Normal(jnp.zeros((2, 2)), 1.0))
+    s = ppl.sample("s", dist.HalfNormal(1.0))
+    return ppl.sample("y", dist.Normal(w[0] + m.sum() * s, 1.0))
+
+
+def test_hmc_moves_one_vector_and_gives_it_back_per_site():
+    """NUTS holds the moved sites on the real line as one vector (2 + 4 + 1 reals here);
+    `position()` splits it per site into what `to_unconstrained` gives, and
+    `position(grad=True)` is the gradient of -log density computed on the per-site form
+    (float32: rtol 1e-5). A block-structured mass matrix keeps numpyro's dict."""
+    kernel = inference.nuts()
+    trace, _ = shaped.generate(jax.random.key(0), {"y": 0.4}, ())
+    density = inference.unconstrained(shaped, ("y",))
+    for state in (kernel.init(trace, observed={"y": 0.4}),
+                  jax.jit(kernel.step)(jax.random.key(1), kernel.init(trace, observed={"y": 0.4}))[0]):
+        assert state.hmc.z.shape == (7,) and state.hmc.z_grad.shape == (7,)
+        u = inference.to_unconstrained(shaped, (), state.trace.choices, ("y",))
+        position = state.position()
+        assert set(position) == {("w",), ("m",), ("s",)}
+        for address, value in position.items():
+            np.testing.assert_allclose(value, u[address], rtol=1e-5, atol=1e-6)
+        grad = jax.grad(lambda p: -density.assess(ppl.ChoiceMap(p).merge({"y": 0.4}), ())[0])(position)
+        for address, value in state.position(grad=True).items():
+            np.testing.assert_allclose(value, grad[address], rtol=1e-5, atol=1e-6)
+    batched = jax.vmap(lambda k: kernel.init(shaped.generate(k, {"y": 0.4}, ())[0], observed={"y": 0.4}))(
+        jax.random.split(jax.random.key(2), 3))
+    assert batched.position()[("m",)].shape == (3, 2, 2) and batched.position()[("w",)].shape == (3, 2)
+    blocks = inference.nuts(dense_mass=[("w", "s")]).init(trace, observed={"y": 0.4})
+    assert isinstance(blocks.hmc.z, dict) and blocks.position()[("m",)].shape == (2, 2)
+
+
 # -- Metropolis-Hastings
 
 
