@@ -25,7 +25,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jax.scipy.special import logsumexp
 
 import inference
@@ -460,7 +459,7 @@ def _adapt_hmc(states, log_w, eps):
         raise ArgumentError(
             f"{_WHERE}: the kernel has a block-structured mass matrix (dense_mass=[...]); smc.tempered sets "
             "the mass matrix from the particles' covariance: use dense_mass=True or False.")
-    z = jax.vmap(lambda z: ravel_pytree(z)[0])(states.hmc.z)  # [N, d]
+    z = states.hmc.z  # [N, d]: without blocks, HMC holds the moved sites as one vector
     w = jax.nn.softmax(log_w)[:, None]
     mean = jnp.sum(w * z, axis=0)
     centred = z - mean
